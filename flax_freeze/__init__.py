@@ -1,0 +1,29 @@
+"""flax_freeze: frozen parameters as a first-class, switchable property of Flax state."""
+
+from ._filters import PathRegex as PathRegex
+from ._grad import grad as grad
+from ._grad import value_and_grad as value_and_grad
+from ._optimizer import Optimizer as Optimizer
+from ._retype import freeze as freeze
+from ._retype import freezing as freezing
+from ._retype import unfreeze as unfreeze
+from ._summary import Summary as Summary
+from ._summary import summary as summary
+from ._variables import FrozenParam as FrozenParam
+from ._variables import Trainable as Trainable
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FrozenParam",
+    "Optimizer",
+    "PathRegex",
+    "Summary",
+    "Trainable",
+    "freeze",
+    "freezing",
+    "grad",
+    "summary",
+    "unfreeze",
+    "value_and_grad",
+]

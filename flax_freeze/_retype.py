@@ -1,0 +1,281 @@
+"""freeze / unfreeze / freezing: tie-preserving, zero-copy re-typing of variables."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax.nnx import graphlib
+
+from ._filters import Path, Predicate, matched_nothing, to_predicate
+from ._variables import PARAM_TYPE_KEY, FrozenParam, Trainable
+
+N = TypeVar("N")
+
+
+def is_raw_trainable(x: Any) -> bool:
+    """Whether a bare pytree leaf is trainable: an inexact array or a Python float."""
+    if isinstance(x, float):
+        return True
+    if isinstance(x, jax.Array | np.ndarray | np.generic):
+        return bool(jnp.issubdtype(x.dtype, jnp.inexact))
+    return False
+
+
+@dataclass
+class _Site:
+    """A variable met while walking a node: every path it is reachable by."""
+
+    variable: nnx.Variable
+    paths: list[Path] = field(default_factory=list)
+    in_module: bool = False
+
+
+def collect(node: Any) -> tuple[dict[int, _Site], dict[Path, Any]]:
+    """Walks ``node`` the way NNX does and returns its variables and bare trainable leaves.
+
+    Variables are keyed by identity and carry *every* path they are reachable by
+    (a tied variable has several). Bare leaves are only collected outside NNX
+    modules (inside a module only variables are state), keyed by path.
+    """
+    sites: dict[int, _Site] = {}
+    raw: dict[Path, Any] = {}
+
+    def visit(x: Any, path: Path, ancestors: set[int], in_module: bool) -> None:
+        if isinstance(x, nnx.Variable):
+            site = sites.setdefault(id(x), _Site(x))
+            site.paths.append(path)
+            site.in_module = site.in_module or in_module
+            return
+        impl = graphlib.get_node_impl(x)
+        if impl is None:
+            if not in_module and is_raw_trainable(x):
+                raw[path] = x
+            return
+        if id(x) in ancestors:  # a cycle through a parent reference
+            return
+        ancestors.add(id(x))
+        child_in_module = in_module or isinstance(x, nnx.Pytree)
+        for key, child in impl.node_dict(x).items():
+            visit(child, (*path, key), ancestors, child_in_module)
+        ancestors.discard(id(x))
+
+    visit(node, (), set(), False)
+    return sites, raw
+
+
+def replace(
+    node: N,
+    new_variables: dict[int, Any],
+    new_leaves: dict[Path, Any],
+) -> N:
+    """Puts replacements on every edge that holds an old variable or leaf.
+
+    NNX objects (modules, ``nnx.List``, ``nnx.Dict``) are changed in place by
+    ``setattr``, as are lists and dicts inside them; containers outside modules
+    and immutable ones (tuples, dataclasses) are rebuilt and put on their
+    parent. Returns the node, or its rebuilt copy when it is an immutable pytree.
+    """
+    seen: set[int] = set()
+
+    def visit(x: Any, path: Path, in_module: bool) -> Any:
+        if isinstance(x, nnx.Variable):
+            return new_variables.get(id(x), x)
+        impl = graphlib.get_node_impl(x)
+        if impl is None:
+            return new_leaves.get(path, x)
+        if isinstance(x, nnx.Pytree):
+            if id(x) in seen:
+                return x
+            seen.add(id(x))
+            for key, child in impl.node_dict(x).items():
+                new = visit(child, (*path, key), True)
+                if new is not child:
+                    setattr(x, str(key), new)
+            return x
+        children, aux = impl.flatten(x)
+        new_children = [(key, visit(child, (*path, key), in_module)) for key, child in children]
+        changed = [(key, new) for (key, old), (_, new) in zip(children, new_children, strict=True)
+                   if new is not old]
+        if not changed:
+            return x
+        if in_module and isinstance(impl, graphlib.PytreeNodeImpl) and impl.set_key is not None:
+            for key, new in changed:
+                impl.set_key(x, key, new)
+            return x
+        return impl.unflatten(new_children, aux)  # type: ignore[arg-type]
+
+    return visit(node, (), False)
+
+
+def _frozen_copy(variable: nnx.Variable) -> FrozenParam:
+    metadata = variable.get_metadata()
+    metadata[PARAM_TYPE_KEY] = type(variable)
+    return FrozenParam.from_metadata(variable.get_raw_value(), metadata)  # type: ignore[return-value]
+
+
+def _trainable_copy(variable: nnx.Variable, in_module: bool) -> Any:
+    metadata = variable.get_metadata()
+    param_type = metadata.pop(PARAM_TYPE_KEY, None)
+    if param_type is None and not in_module:
+        return variable.get_raw_value()  # a bare pytree leaf frozen by freeze()
+    return (param_type or nnx.Param).from_metadata(variable.get_raw_value(), metadata)
+
+
+def _matches(pred: Predicate, site: _Site) -> bool:
+    return any(pred(path, site.variable) for path in site.paths)
+
+
+def _select(
+    func: str, node: Any, filter: Any, missing_ok: bool
+) -> tuple[dict[int, _Site], dict[Path, Any]]:
+    """Returns the parameters and bare leaves that ``filter`` selects in ``node``.
+
+    A tied variable is selected when the filter matches any of its paths. A bare
+    trainable leaf is shown to the filter as the ``nnx.Param`` it stands for.
+    """
+    pred = to_predicate(filter)
+    sites, raw = collect(node)
+    params = {k: s for k, s in sites.items() if isinstance(s.variable, nnx.Param | FrozenParam)}
+    chosen = {k: s for k, s in params.items() if _matches(pred, s)}
+    chosen_raw = {p: x for p, x in raw.items() if pred(p, nnx.Param(x))}
+    if not chosen and not chosen_raw and not missing_ok:
+        all_paths = [s.paths[0] for s in params.values()] + list(raw)
+        raise matched_nothing(func, filter, node, sorted(all_paths, key=str))
+    return chosen, chosen_raw
+
+
+def freeze(node: N, filter: Any = Trainable, *, missing_ok: bool = False) -> N:
+    """Makes the parameters that ``filter`` selects frozen, in place.
+
+    Each selected ``nnx.Param`` (or subclass, such as ``nnx.LoRAParam``) is
+    replaced by a :class:`FrozenParam` that holds the *same* array object and
+    every metadata entry (sharding included), plus ``param_type`` recording the
+    original type. A variable shared by several modules stays one object, and
+    is selected when the filter matches any of its paths. Variables in
+    ``nnx.List``, ``nnx.Dict`` and ``nnx.data`` lists and tuples are reached too.
+
+    Freezing is not eval mode: only parameters are re-typed. Batch statistics,
+    RNG state and other variables the filter selects stay as they are, and
+    ``BatchNorm``/``Dropout`` keep their training behaviour.
+
+    On a plain pytree (dataclass, NamedTuple, dict...) trainable leaves (inexact
+    arrays and floats) are wrapped in ``FrozenParam`` and a new tree is
+    returned, since pytrees are immutable. Works inside ``nnx.jit`` too.
+
+    Args:
+        node: an NNX module or any pytree holding modules or arrays.
+        filter: any NNX filter (a Variable type, ``nnx.PathContains``,
+            ``nnx.All``/``Any``/``Not``, a callable ``(path, variable) -> bool``)
+            or :class:`PathRegex`. Defaults to every trainable parameter.
+        missing_ok: allow a filter that selects no parameter.
+
+    Returns:
+        ``node`` itself (modules change in place), or the rebuilt pytree.
+
+    Raises:
+        ValueError: if ``filter`` selects no parameter and ``missing_ok`` is False.
+        TypeError: if ``filter`` is not a filter.
+
+    Example:
+        >>> from flax import nnx
+        >>> import flax_freeze as ff
+        >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
+        ...                        nnx.Linear(3, 1, rngs=nnx.Rngs(1)))
+        >>> kernel = model.layers[0].kernel.get_raw_value()
+        >>> _ = ff.freeze(model, ff.PathRegex("layers/0/.*"))
+        >>> type(model.layers[0].kernel).__name__, type(model.layers[1].kernel).__name__
+        ('FrozenParam', 'Param')
+        >>> model.layers[0].kernel.get_raw_value() is kernel
+        True
+    """
+    chosen, chosen_raw = _select("freeze", node, filter, missing_ok)
+    new_variables = {
+        k: _frozen_copy(s.variable) for k, s in chosen.items() if isinstance(s.variable, nnx.Param)
+    }
+    new_leaves = {p: FrozenParam(x) for p, x in chosen_raw.items()}
+    return replace(node, new_variables, new_leaves)
+
+
+def unfreeze(node: N, filter: Any = FrozenParam, *, missing_ok: bool = False) -> N:
+    """Makes the frozen parameters that ``filter`` selects trainable again, in place.
+
+    Each selected :class:`FrozenParam` becomes the type it had before
+    :func:`freeze` (``nnx.LoRAParam`` stays ``nnx.LoRAParam``), or
+    ``nnx.Param`` when it was declared frozen, with the same array object and
+    metadata. In a plain pytree a leaf that ``freeze`` wrapped becomes the bare
+    value again, and a new tree is returned.
+
+    Args:
+        node: an NNX module or any pytree holding modules or arrays.
+        filter: any NNX filter or :class:`PathRegex`. Defaults to every frozen
+            parameter. Parameters that are already trainable are left alone.
+        missing_ok: allow a filter that selects no parameter.
+
+    Returns:
+        ``node`` itself (modules change in place), or the rebuilt pytree.
+
+    Raises:
+        ValueError: if ``filter`` selects no parameter and ``missing_ok`` is False.
+        TypeError: if ``filter`` is not a filter.
+
+    Example:
+        >>> from flax import nnx
+        >>> import flax_freeze as ff
+        >>> model = ff.freeze(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
+        >>> _ = ff.unfreeze(model, ff.PathRegex("bias"))
+        >>> type(model.kernel).__name__, type(model.bias).__name__
+        ('FrozenParam', 'Param')
+    """
+    chosen, _ = _select("unfreeze", node, filter, missing_ok)
+    new_variables = {
+        k: _trainable_copy(s.variable, s.in_module)
+        for k, s in chosen.items()
+        if isinstance(s.variable, FrozenParam)
+    }
+    return replace(node, new_variables, {})
+
+
+@contextlib.contextmanager
+def freezing(node: N, filter: Any = Trainable, *, missing_ok: bool = False) -> Iterator[N]:
+    """Context manager: the selected parameters are frozen inside, restored on exit.
+
+    On exit, also when the block raises, exactly the parameters this call froze
+    become trainable again, with their original types; parameters that were
+    frozen before stay frozen.
+
+    Args:
+        node: an NNX module or any pytree holding modules or arrays.
+        filter: any NNX filter or :class:`PathRegex`.
+        missing_ok: allow a filter that selects no parameter.
+
+    Yields:
+        The frozen node: ``node`` itself for modules, a new tree for pytrees.
+
+    Example:
+        >>> from flax import nnx
+        >>> import flax_freeze as ff
+        >>> model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+        >>> with ff.freezing(model, ff.PathRegex("kernel")):
+        ...     print(type(model.kernel).__name__)
+        FrozenParam
+        >>> type(model.kernel).__name__
+        'Param'
+    """
+    before = collect(node)[0]  # holds the old variables, so their ids stay unique
+    frozen = freeze(node, filter, missing_ok=missing_ok)
+    created = {
+        k for k, s in collect(frozen)[0].items()
+        if k not in before and isinstance(s.variable, FrozenParam)
+    }
+    del before
+    try:
+        yield frozen
+    finally:
+        unfreeze(frozen, lambda _path, v: id(v) in created, missing_ok=True)

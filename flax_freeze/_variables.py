@@ -1,0 +1,59 @@
+"""The frozen variable type and the filter for trainable parameters."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from flax import nnx
+
+A = TypeVar("A")
+
+#: Metadata key under which a frozen parameter remembers its trainable type
+#: (for example ``nnx.LoRAParam``) so that ``unfreeze`` can restore it.
+PARAM_TYPE_KEY = "param_type"
+
+
+class FrozenParam(nnx.Variable[A]):
+    """A parameter that is held fixed: a sibling of ``nnx.Param``, not a subclass.
+
+    Every part of plain Flax that selects ``nnx.Param`` (``nnx.grad``'s default,
+    ``nnx.Optimizer(wrt=nnx.Param)``, ``nnx.state(model, nnx.Param)``) skips a
+    ``FrozenParam``, exactly as it skips ``nnx.BatchStat``. Its Linen collection
+    name is ``"frozen_params"``.
+
+    Declare a parameter frozen from the start with ``FrozenParam(value)``, or
+    re-type live parameters with :func:`flax_freeze.freeze`. A parameter frozen
+    by ``freeze`` remembers its trainable type in the ``param_type`` metadata
+    entry (only when that type is not plain ``nnx.Param``), and ``unfreeze``
+    gives it back.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> import flax_freeze as ff
+        >>> scale = ff.FrozenParam(jnp.ones(3))
+        >>> isinstance(scale, nnx.Param)
+        False
+        >>> (scale * 2).tolist()
+        [2.0, 2.0, 2.0]
+    """
+
+
+nnx.register_variable_name("frozen_params", FrozenParam)
+
+
+class _TrainableFilter:
+    """Selects trainable parameters: ``nnx.Param`` and its subclasses."""
+
+    def __call__(self, path: tuple[Any, ...], x: Any) -> bool:
+        del path
+        return isinstance(x, nnx.Param)
+
+    def __repr__(self) -> str:
+        return "Trainable"
+
+
+#: NNX filter that selects trainable parameters: ``nnx.Param`` and every
+#: subclass of it (``nnx.LoRAParam`` included), never a :class:`FrozenParam`.
+#: Use it wherever Flax takes a filter: ``nnx.state(model, ff.Trainable)``.
+Trainable = _TrainableFilter()
