@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from flax.nnx import filterlib
 
@@ -93,7 +93,7 @@ def to_predicate(filter: Any, argname: str = "filter") -> Predicate:
     if isinstance(filter, list | tuple):
         for item in filter:
             to_predicate(item, argname)
-    return filterlib.to_predicate(filter)
+    return filterlib.to_predicate(cast(filterlib.Filter, filter))
 
 
 def matched_nothing(
@@ -104,8 +104,15 @@ def matched_nothing(
     what: str = "parameter",
 ) -> ValueError:
     """Builds the error for a filter that selected nothing, listing some paths to help."""
-    shown = [path_str(p) for p in paths]
-    sample = ", ".join(shown[:8]) + (f", ... ({len(shown)} in all)" if len(shown) > 8 else "")
+    all_paths = [path_str(p) for p in paths]
+    # One path per parent, so that every part of the model shows up in the sample.
+    by_parent: dict[str, str] = {}
+    for p in all_paths:
+        by_parent.setdefault(p.rpartition("/")[0], p)
+    shown = list(by_parent.values())
+    sample = ", ".join(shown[:12])
+    if len(all_paths) > min(len(shown), 12):
+        sample += f", ... ({len(all_paths)} in all)"
     return ValueError(
         f"`filter` {filter!r} passed to {func}() matched no {what} of "
         f"{type(node).__name__}. Its {what} paths are: {sample or '(none)'}. "

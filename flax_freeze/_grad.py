@@ -15,8 +15,10 @@ from ._variables import Trainable
 
 def _check_argnums(argnums: Any) -> tuple[int, ...]:
     nums = (argnums,) if isinstance(argnums, int) and not isinstance(argnums, bool) else argnums
-    if not isinstance(nums, tuple) or not nums or not all(
-        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in nums
+    if (
+        not isinstance(nums, tuple)
+        or not nums
+        or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in nums)
     ):
         raise TypeError(
             f"`argnums` must be a non-negative int or a non-empty tuple of them, got {argnums!r}."
@@ -27,9 +29,7 @@ def _check_argnums(argnums: Any) -> tuple[int, ...]:
 
 
 def _variables_by_path(tree: Any) -> dict[Path, nnx.Variable]:
-    return {
-        path: x for path, x in nnx.iter_graph(tree, graph=True) if isinstance(x, nnx.Variable)
-    }
+    return {path: x for path, x in nnx.iter_graph(tree, graph=True) if isinstance(x, nnx.Variable)}
 
 
 def _grad_general(

@@ -92,9 +92,7 @@ class Optimizer(nnx.Optimizer[M]):
         (True, ['bias'])
     """
 
-    def __init__(
-        self, model: M, tx: optax.GradientTransformation, *, wrt: Any = Trainable
-    ) -> None:
+    def __init__(self, model: M, tx: optax.GradientTransformation, *, wrt: Any = Trainable) -> None:
         """Builds optimizer state for the parameters ``wrt`` selects in ``model``."""
         if not isinstance(tx, optax.GradientTransformation):
             raise TypeError(

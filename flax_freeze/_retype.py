@@ -101,8 +101,11 @@ def replace(
             return x
         children, aux = impl.flatten(x)
         new_children = [(key, visit(child, (*path, key), in_module)) for key, child in children]
-        changed = [(key, new) for (key, old), (_, new) in zip(children, new_children, strict=True)
-                   if new is not old]
+        changed = [
+            (key, new)
+            for (key, old), (_, new) in zip(children, new_children, strict=True)
+            if new is not old
+        ]
         if not changed:
             return x
         if in_module and isinstance(impl, graphlib.PytreeNodeImpl) and impl.set_key is not None:
@@ -271,7 +274,8 @@ def freezing(node: N, filter: Any = Trainable, *, missing_ok: bool = False) -> I
     before = collect(node)[0]  # holds the old variables, so their ids stay unique
     frozen = freeze(node, filter, missing_ok=missing_ok)
     created = {
-        k for k, s in collect(frozen)[0].items()
+        k
+        for k, s in collect(frozen)[0].items()
         if k not in before and isinstance(s.variable, FrozenParam)
     }
     del before

@@ -1,0 +1,78 @@
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+import flax_freeze as ff
+from flax_freeze._summary import Row
+
+
+class Net(nnx.Module):
+    def __init__(self):
+        self.body = nnx.Linear(4, 8, rngs=nnx.Rngs(0))
+        self.bn = nnx.BatchNorm(8, rngs=nnx.Rngs(0))
+        self.head = nnx.Linear(8, 2, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
+        self.scale = ff.FrozenParam(jnp.ones((), jnp.float32))
+
+
+def test_summary_rows_are_exact():
+    net = ff.freeze(Net(), ff.PathRegex("body/.*"))
+    rows = {r.path: r for r in ff.summary(net).rows}
+    assert rows["body/kernel"] == Row(
+        "body/kernel", "FrozenParam", (4, 8), "float32", "frozen", 32, 128
+    )
+    assert rows["head/kernel"] == Row(
+        "head/kernel", "Param", (8, 2), "bfloat16", "trainable", 16, 32
+    )
+    assert rows["bn/mean"] == Row("bn/mean", "BatchStat", (8,), "float32", "state", 8, 32)
+    assert rows["scale"] == Row("scale", "FrozenParam", (), "float32", "frozen", 1, 4)
+    assert list(rows) == sorted(rows)
+
+
+def test_summary_totals():
+    s = ff.summary(ff.freeze(Net(), ff.PathRegex("body/.*")))
+    # trainable: head 16 + 2 (bf16) and bn scale/bias 8 + 8 (f32)
+    assert s.trainable_count == 34
+    assert s.trainable_bytes == 18 * 2 + 16 * 4
+    # frozen: body 32 + 8 and scale 1, all float32
+    assert s.frozen_count == 41
+    assert s.frozen_bytes == 41 * 4
+    assert s.totals.count["state"] == 16
+    assert s.totals.bytes["state"] == 64
+
+
+def test_summary_by_module():
+    s = ff.summary(ff.freeze(Net(), ff.PathRegex("body/.*")))
+    groups = s.by_module()
+    assert set(groups) == {"body", "bn", "head", "scale"}
+    assert groups["body"].count == {"trainable": 0, "frozen": 40, "state": 0}
+    assert groups["head"].bytes == {"trainable": 36, "frozen": 0, "state": 0}
+
+
+def test_summary_follows_freeze_and_unfreeze():
+    net = Net()
+    assert ff.summary(ff.freeze(net)).trainable_count == 0
+    assert ff.summary(ff.unfreeze(net)).frozen_count == 0
+
+
+def test_summary_prints_a_table_with_totals():
+    text = str(ff.summary(ff.freeze(Net(), ff.PathRegex("body/.*"))))
+    lines = text.splitlines()
+    assert lines[0].split() == ["path", "type", "shape", "dtype", "status", "count", "bytes"]
+    assert any(line.split()[:2] == ["body/kernel", "FrozenParam"] for line in lines)
+    assert lines[-1] == "total: trainable 34 (100 B), frozen 41 (164 B), state 16 (64 B)"
+    assert "body: trainable 0 (0 B), frozen 40 (160 B)" in lines
+
+
+def test_summary_counts_a_tied_variable_once():
+    shared = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+    pair = nnx.List([shared, shared])
+    s = ff.summary(pair)
+    assert [r.path for r in s.rows] == ["0/bias", "0/kernel"]
+    assert s.trainable_count == 6
+
+
+@pytest.mark.parametrize("n", [1023, 1024 * 1024 * 3])
+def test_bytes_formatting(n):
+    from flax_freeze._summary import _bytes
+
+    assert _bytes(n) == ("1,023 B" if n == 1023 else "3.0 MiB")
