@@ -2,8 +2,11 @@
 
 from ._filters import PathRegex as PathRegex
 from ._grad import grad as grad
+from ._grad import stop_frozen as stop_frozen
+from ._grad import trainable_tree as trainable_tree
 from ._grad import value_and_grad as value_and_grad
 from ._optimizer import Optimizer as Optimizer
+from ._optimizer import apply_updates as apply_updates
 from ._retype import freeze as freeze
 from ._retype import freezing as freezing
 from ._retype import unfreeze as unfreeze
@@ -20,10 +23,13 @@ __all__ = [
     "PathRegex",
     "Summary",
     "Trainable",
+    "apply_updates",
     "freeze",
     "freezing",
     "grad",
+    "stop_frozen",
     "summary",
+    "trainable_tree",
     "unfreeze",
     "value_and_grad",
 ]

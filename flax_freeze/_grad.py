@@ -7,10 +7,70 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
+from flax.nnx import graphlib
 
-from ._filters import Path, to_predicate
-from ._variables import Trainable
+from ._filters import Path, Predicate, to_predicate
+from ._retype import is_raw_trainable, selects_leaf
+from ._variables import FrozenParam, Trainable
+
+
+class _Leaf(nnx.Param):
+    """A bare trainable pytree leaf, wrapped as a parameter for one ``grad`` call."""
+
+
+def _is_stop(x: Any) -> bool:
+    """Leaves of a pytree walk: variables and NNX graph nodes are not looked into."""
+    return isinstance(x, nnx.Variable) or graphlib.is_graph_node(x)
+
+
+def _wrap_leaves(tree: Any, pred: Predicate) -> Any:
+    """Wraps the bare trainable leaves of a pytree that ``pred`` selects as ``_Leaf``."""
+
+    def wrap(key_path: Any, x: Any) -> Any:
+        if _is_stop(x) or not is_raw_trainable(x):
+            return x
+        if not selects_leaf(pred, graphlib.jax_to_nnx_path(key_path), x):
+            return x
+        return _Leaf(jnp.asarray(x))
+
+    return jax.tree_util.tree_map_with_path(wrap, tree, is_leaf=_is_stop)
+
+
+def _unwrap_leaves(tree: Any) -> Any:
+    return jax.tree.map(
+        lambda x: x.get_raw_value() if isinstance(x, _Leaf) else x, tree, is_leaf=_is_stop
+    )
+
+
+def _substate(state: Any, path: Path) -> Any:
+    for key in path:
+        if not isinstance(state, nnx.State) or key not in state:
+            return nnx.State({})
+        state = state[key]
+    return state
+
+
+def _mirror(tree: Any, state: nnx.State) -> Any:
+    """The pytree ``tree`` with the entries of ``state`` at its trainable leaves, None elsewhere.
+
+    ``state`` is keyed by the NNX paths of ``tree``: a bare leaf gets its raw
+    value, a trainable variable the variable, an NNX module its sub-state.
+    """
+
+    def entry(key_path: Any, x: Any) -> Any:
+        path = graphlib.jax_to_nnx_path(key_path)
+        if isinstance(x, nnx.Variable):
+            found = _substate(state, path)
+            if not isinstance(found, nnx.Variable):
+                return None
+            return found.get_raw_value() if isinstance(x, _Leaf) else found
+        if graphlib.is_graph_node(x):
+            return _substate(state, path)
+        return None
+
+    return jax.tree_util.tree_map_with_path(entry, tree, is_leaf=_is_stop)
 
 
 def _check_argnums(argnums: Any) -> tuple[int, ...]:
@@ -41,7 +101,7 @@ def _grad_general(
 
     def is_diff(path: Path, x: Any) -> bool:
         # Paths of the split ``(args, kwargs)`` pair start with (0, position).
-        return (
+        return isinstance(x, _Leaf) or (
             isinstance(x, nnx.Variable)
             and len(path) >= 2
             and path[0] == 0
@@ -57,6 +117,11 @@ def _grad_general(
                 f"{getattr(f, '__name__', 'the function')} was called with {len(args)} "
                 "positional arguments. Pass the differentiated values positionally."
             )
+        pytree_positions = [i for i in nums if not graphlib.is_graph_node(args[i])]
+        # Bare trainable leaves of pytree arguments are wrapped as parameters for the split.
+        args = tuple(
+            _wrap_leaves(a, pred) if i in pytree_positions else a for i, a in enumerate(args)
+        )
         graphdef, diff, rest = nnx.split((args, kwargs), is_diff, ..., graph=True)
         written: list[Path] = []
 
@@ -64,7 +129,10 @@ def _grad_general(
             inner = nnx.merge(graphdef, diff, rest, copy=True)
             variables = list(_variables_by_path(inner).items())
             before = [v.get_raw_value() for _, v in variables]
-            out = f(*inner[0], **inner[1])
+            inner_args = list(inner[0])
+            for i in pytree_positions:
+                inner_args[i] = _unwrap_leaves(inner_args[i])
+            out = f(*inner_args, **inner[1])
             if has_aux:
                 if not (isinstance(out, tuple) and len(out) == 2):
                     raise TypeError(
@@ -89,7 +157,12 @@ def _grad_general(
             for path, value in zip(written, values, strict=True):
                 outer[path].set_raw_value(value)
 
-        per_arg = tuple(_arg_grads(grads, i) for i in nums)
+        per_arg = tuple(
+            _mirror(args[i], _substate(grads, (0, i)))
+            if i in pytree_positions
+            else _substate(grads, (0, i))
+            for i in nums
+        )
         result = per_arg[0] if isinstance(argnums, int) else per_arg
         value = (loss, aux) if has_aux else loss
         if return_value:
@@ -97,13 +170,6 @@ def _grad_general(
         return (result, aux) if has_aux else result
 
     return wrapper
-
-
-def _arg_grads(grads: nnx.State, position: int) -> Any:
-    args_grads = grads.get(0, None)
-    if args_grads is None or position not in args_grads:
-        return nnx.State({})
-    return args_grads[position]
 
 
 def grad(
@@ -192,3 +258,80 @@ def value_and_grad(
         (1.0, [2.0])
     """
     return _grad_general(f, argnums, wrt, has_aux, return_value=True)
+
+
+def stop_frozen(tree: Any) -> Any:
+    """Returns ``tree`` with every frozen value behind ``lax.stop_gradient``.
+
+    Plain ``jax.grad`` differentiates a ``FrozenParam`` inside a pytree like any
+    other leaf (it is pytree data, so tracers may live in it). Prefer
+    :func:`grad`, which never builds those gradients. For code that must call
+    ``jax.grad`` itself, call ``stop_frozen`` on the tree *inside* the
+    differentiated function: the frozen leaves then get an exact zero gradient
+    and nothing upstream of them is differentiated through them.
+
+    Args:
+        tree: any pytree, possibly holding ``FrozenParam`` variables.
+
+    Returns:
+        The same structure, each ``FrozenParam`` holding ``lax.stop_gradient`` of
+        its value (metadata kept); everything else unchanged.
+
+    Example:
+        >>> import jax
+        >>> import flax_freeze as ff
+        >>> tree = {"a": 2.0, "b": ff.FrozenParam(3.0)}
+        >>> g = jax.grad(lambda t: (lambda s: s["a"] * s["b"])(ff.stop_frozen(t)))(tree)
+        >>> float(g["a"]), float(g["b"][...])
+        (3.0, 0.0)
+    """
+
+    def stop(x: Any) -> Any:
+        if isinstance(x, FrozenParam):
+            return FrozenParam.from_metadata(
+                jax.lax.stop_gradient(x.get_raw_value()), x.get_metadata()
+            )
+        return x
+
+    return jax.tree.map(stop, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def trainable_tree(tree: Any, *, wrt: Any = Trainable) -> Any:
+    """The trainable part of a pytree in the shape :func:`grad` returns: what ``tx.init`` takes.
+
+    Args:
+        tree: a pytree (dataclasses, NamedTuples, dicts...) holding arrays,
+            floats, variables or NNX modules.
+        wrt: NNX filter of what is trainable; defaults to :data:`Trainable`.
+
+    Returns:
+        A mirror of ``tree`` with each trainable leaf's value (bare floats as
+        arrays), each trainable variable, the trainable ``nnx.State`` of each
+        module, and ``None`` at every other leaf. optax treats ``None`` as an
+        empty subtree, so ``tx.init(ff.trainable_tree(tree))`` holds state for
+        the trainable leaves only.
+
+    Example:
+        >>> import optax
+        >>> import flax_freeze as ff
+        >>> tree = {"a": 2.0, "b": ff.FrozenParam(3.0)}
+        >>> ff.trainable_tree(tree)
+        {'a': Array(2., dtype=float32, weak_type=True), 'b': None}
+        >>> state = optax.adam(0.1).init(ff.trainable_tree(tree))
+    """
+    pred = to_predicate(wrt, "wrt")
+    wrapped = _wrap_leaves(tree, pred)
+    if graphlib.is_graph_node(tree):
+        return nnx.state(tree, wrt, graph=True)
+
+    def entry(key_path: Any, x: Any) -> Any:
+        path = graphlib.jax_to_nnx_path(key_path)
+        if isinstance(x, _Leaf):
+            return x.get_raw_value()
+        if isinstance(x, nnx.Variable):
+            return x if pred(path, x) else None
+        if graphlib.is_graph_node(x):
+            return nnx.state(x, wrt, graph=True)
+        return None
+
+    return jax.tree_util.tree_map_with_path(entry, wrapped, is_leaf=_is_stop)

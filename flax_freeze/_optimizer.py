@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 from flax.nnx.training.optimizer import to_opt_state
@@ -133,3 +134,46 @@ class Optimizer(nnx.Optimizer[M]):
                 "Compute the gradients with ff.grad after the last freeze/unfreeze."
             )
         return super().update(model, grads, **kwargs)
+
+
+def apply_updates(tree: Any, updates: Any) -> Any:
+    """Applies optax ``updates`` to a pytree, skipping the ``None`` entries.
+
+    ``updates`` has the shape :func:`grad` returns for a pytree: a value at each
+    trainable leaf and ``None`` at every other one (frozen values, integers,
+    static data), which are returned unchanged. Like ``optax.apply_updates``,
+    each result keeps its parameter's dtype.
+
+    Args:
+        tree: the pytree of parameters.
+        updates: the updates from ``tx.update``, mirroring ``tree`` with ``None``.
+
+    Returns:
+        A new tree of ``tree``'s structure with the updates added.
+
+    Example:
+        >>> import flax_freeze as ff
+        >>> tree = {"a": 1.0, "b": ff.FrozenParam(3.0), "n": 4}
+        >>> new = ff.apply_updates(tree, {"a": 0.5, "b": None, "n": None})
+        >>> float(new["a"]), new["b"] is tree["b"], new["n"]
+        (1.5, True, 4)
+    """
+
+    def add(update: Any, param: Any) -> Any:
+        if update is None:
+            return param
+        if isinstance(param, nnx.Variable):
+            value = param.get_raw_value()
+            new = jnp.asarray(value + update).astype(jnp.result_type(value))
+            return type(param).from_metadata(new, param.get_metadata())
+        return jnp.asarray(param + update).astype(jnp.result_type(param))
+
+    def is_leaf(x: Any) -> bool:
+        return x is None or isinstance(x, nnx.Variable)
+
+    return jax.tree.map(
+        lambda u, p: add(u.get_raw_value() if isinstance(u, nnx.Variable) else u, p),
+        updates,
+        tree,
+        is_leaf=is_leaf,
+    )

@@ -28,6 +28,11 @@ def is_raw_trainable(x: Any) -> bool:
     return False
 
 
+def selects_leaf(pred: Predicate, path: Path, x: Any) -> bool:
+    """Whether a filter selects a bare trainable leaf, shown as the ``nnx.Param`` it stands for."""
+    return bool(pred(path, nnx.Param(x)))
+
+
 @dataclass
 class _Site:
     """A variable met while walking a node: every path it is reachable by."""
@@ -147,7 +152,7 @@ def _select(
     sites, raw = collect(node)
     params = {k: s for k, s in sites.items() if isinstance(s.variable, nnx.Param | FrozenParam)}
     chosen = {k: s for k, s in params.items() if _matches(pred, s)}
-    chosen_raw = {p: x for p, x in raw.items() if pred(p, nnx.Param(x))}
+    chosen_raw = {p: x for p, x in raw.items() if selects_leaf(pred, p, x)}
     if not chosen and not chosen_raw and not missing_ok:
         all_paths = [s.paths[0] for s in params.values()] + list(raw)
         raise matched_nothing(func, filter, node, sorted(all_paths, key=str))
