@@ -201,11 +201,27 @@ def grad(
             :data:`Trainable` (``nnx.Param`` and subclasses, never ``FrozenParam``).
         has_aux: whether ``f`` returns ``(loss, aux)``.
 
+    Any pytree is accepted too (NamedTuples, registered or ``flax.struct``
+    dataclasses, dicts, lists, nested mixes, NNX modules inside them). There
+    the differentiated leaves are inexact (floating or complex) arrays and
+    Python floats that ``wrt`` selects (a bare leaf is shown to the filter as
+    the ``nnx.Param`` it stands for) and ``nnx.Param`` variables; never the
+    contents of a ``FrozenParam`` (or any other non-``Param`` variable),
+    integer or boolean leaves, strings or static data — without error.
+
     Returns:
-        A function with ``f``'s arguments that returns the gradients: for each
-        differentiated module an ``nnx.State`` of the ``wrt`` variables only
-        (what ``nnx.Optimizer.update`` takes); a tuple of them when ``argnums``
-        is a tuple; ``(grads, aux)`` with ``has_aux``.
+        A function with ``f``'s arguments that returns the gradients, one entry
+        per differentiated argument (a tuple of them when ``argnums`` is a
+        tuple; ``(grads, aux)`` with ``has_aux``):
+
+        * an NNX module (or other graph node): an ``nnx.State`` of the ``wrt``
+          variables only — what ``nnx.Optimizer.update`` takes;
+        * anything else: a mirror of the argument with a gradient at each
+          trainable leaf (an ``nnx.Param`` gets an ``nnx.Param`` of its
+          gradient, a module inside gets its ``nnx.State``) and ``None`` at
+          every other leaf. optax treats ``None`` as an empty subtree:
+          initialise with ``tx.init(ff.trainable_tree(tree))`` and apply with
+          :func:`apply_updates`.
 
     Raises:
         TypeError: if ``argnums`` or ``wrt`` is malformed.
@@ -320,9 +336,9 @@ def trainable_tree(tree: Any, *, wrt: Any = Trainable) -> Any:
         >>> state = optax.adam(0.1).init(ff.trainable_tree(tree))
     """
     pred = to_predicate(wrt, "wrt")
-    wrapped = _wrap_leaves(tree, pred)
     if graphlib.is_graph_node(tree):
         return nnx.state(tree, wrt, graph=True)
+    wrapped = _wrap_leaves(tree, pred)
 
     def entry(key_path: Any, x: Any) -> Any:
         path = graphlib.jax_to_nnx_path(key_path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from flax import nnx
@@ -11,6 +13,18 @@ A = TypeVar("A")
 #: Metadata key under which a frozen parameter remembers its trainable type
 #: (for example ``nnx.LoRAParam``) so that ``unfreeze`` can restore it.
 PARAM_TYPE_KEY = "param_type"
+
+
+def _compare(op: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """A comparison that acts on the variable's value, as ``nnx.Variable.__eq__`` does."""
+
+    def method(self: nnx.Variable, other: Any) -> Any:
+        if isinstance(other, nnx.Variable):
+            other = other.get_value()
+        return op(self.get_value(), other)
+
+    method.__name__ = f"__{op.__name__}__"
+    return method
 
 
 class FrozenParam(nnx.Variable[A]):
@@ -36,7 +50,15 @@ class FrozenParam(nnx.Variable[A]):
         False
         >>> (scale * 2).tolist()
         [2.0, 2.0, 2.0]
+        >>> (scale < 2).tolist()
+        [True, True, True]
     """
+
+    __lt__ = _compare(operator.lt)
+    __le__ = _compare(operator.le)
+    __gt__ = _compare(operator.gt)
+    __ge__ = _compare(operator.ge)
+    __ne__ = _compare(operator.ne)
 
 
 nnx.register_variable_name("frozen_params", FrozenParam)

@@ -99,3 +99,27 @@ def test_frozen_param_round_trips_through_jit():
     expected = model(jnp.ones((1, 3)))
     np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
     assert jax.tree.leaves(nnx.state(model, ff.FrozenParam))[0].shape == (2,)
+
+
+@pytest.mark.parametrize(
+    ("op", "expected"),
+    [
+        pytest.param(lambda v: v < 3.0, [True, False], id="lt"),
+        pytest.param(lambda v: v <= 2.0, [True, False], id="le"),
+        pytest.param(lambda v: v > 3.0, [False, True], id="gt"),
+        pytest.param(lambda v: v >= 4.0, [False, True], id="ge"),
+        pytest.param(lambda v: v == 4.0, [False, True], id="eq"),
+        pytest.param(lambda v: v != 4.0, [True, False], id="ne"),
+        pytest.param(lambda v: 3.0 < v, [False, True], id="reflected"),
+        pytest.param(lambda v: v < ff.FrozenParam(jnp.array([3.0, 3.0])), [True, False], id="var"),
+    ],
+)
+def test_frozen_param_comparisons_act_on_the_value(op, expected):
+    v = ff.FrozenParam(jnp.array([2.0, 4.0]))
+    np.testing.assert_array_equal(np.asarray(op(v)), expected)
+
+
+def test_frozen_param_holding_python_numbers():
+    assert ff.FrozenParam(0.5) < 1
+    assert ff.FrozenParam(100) / 4 == 25.0
+    assert float(jnp.exp(ff.FrozenParam(0.0))) == 1.0
