@@ -8,7 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from flax.nnx import graphlib
 from flax.nnx.training.optimizer import to_opt_state
+from jax.core import Tracer
 
 from ._filters import Path, path_str
 from ._variables import Trainable
@@ -51,6 +53,12 @@ def migrate_opt_state(tx: optax.GradientTransformation, old_state: Any, params: 
     return fresh
 
 
+def _tracing_without_graph_updates(params: nnx.State) -> bool:
+    """Whether new optimizer state made here would be lost: a trace with no NNX graph updates."""
+    tracing = any(isinstance(x, Tracer) for x in jax.tree.leaves(params))
+    return tracing and not graphlib.GRAPH_CONTEXT.update_context_stacks
+
+
 class Optimizer(nnx.Optimizer[M]):
     """An ``nnx.Optimizer`` that follows freeze and unfreeze.
 
@@ -63,7 +71,10 @@ class Optimizer(nnx.Optimizer[M]):
     weight decay included — so they stay bit-identical.
 
     Under ``nnx.jit`` a freeze change costs at most two retraces: the step that
-    migrates, then the step that sees the new state structure.
+    migrates, then the step that sees the new state structure. Where a step
+    cannot carry new state out (tree mode: ``jax.jit``, ``nnx.jit(graph=False)``;
+    ``nnx.cached_partial``), call :meth:`migrate` eagerly after the change;
+    ``update`` raises a ``ValueError`` saying so rather than lose the state.
 
     Shared step counts: transforms whose count is shared across parameters
     keep counting through a migration. A newly trainable parameter therefore
@@ -103,6 +114,32 @@ class Optimizer(nnx.Optimizer[M]):
         super().__init__(model, tx, wrt=wrt, graph=True)
         self.trained_paths = _paths(nnx.state(model, wrt, graph=True))
 
+    def migrate(self, model: M) -> bool:
+        """Brings the optimizer state in line with the parameters ``wrt`` selects now.
+
+        :meth:`update` does this by itself in eager code and inside ``nnx.jit``
+        in graph mode. Call it eagerly after ``freeze``/``unfreeze`` when the
+        training step runs where new optimizer state cannot reach the caller:
+        ``jax.jit`` or ``nnx.jit(graph=False)`` (tree mode), or a function built
+        with ``nnx.cached_partial`` (rebuild that after migrating).
+
+        Args:
+            model: the module this optimizer was built for.
+
+        Returns:
+            Whether the state changed.
+        """
+        params = nnx.state(model, self.wrt, graph=True)
+        paths = _paths(params)
+        if paths == self.trained_paths:
+            return False
+        self._migrate(params, paths)
+        return True
+
+    def _migrate(self, params: nnx.State, paths: tuple[Path, ...]) -> None:
+        self.opt_state = nnx.data(migrate_opt_state(self.tx, self.opt_state, params))
+        self.trained_paths = paths
+
     def update(self, model: M, grads: Any, /, **kwargs: Any) -> Any:
         """Applies ``grads`` to ``model``, first migrating state after a freeze change.
 
@@ -116,13 +153,21 @@ class Optimizer(nnx.Optimizer[M]):
 
         Raises:
             ValueError: if ``grads`` do not cover exactly the trainable parameters,
-                e.g. gradients computed before a freeze change.
+                e.g. gradients computed before a freeze change; or if the trainable
+                set changed and this trace cannot carry new state out (call
+                :meth:`migrate` first).
         """
         params = nnx.state(model, self.wrt, graph=True)
         paths = _paths(params)
         if paths != self.trained_paths:
-            self.opt_state = nnx.data(migrate_opt_state(self.tx, self.opt_state, params))
-            self.trained_paths = paths
+            if _tracing_without_graph_updates(params):
+                raise ValueError(
+                    "The trainable set of `model` changed since the optimizer state was "
+                    "built, and this trace cannot carry new optimizer state out (tree mode: "
+                    "jax.jit, nnx.jit(graph=False), nnx.cached_partial). Call "
+                    "opt.migrate(model) eagerly after freeze/unfreeze, before the next step."
+                )
+            self._migrate(params, paths)
         grad_paths = _paths(nnx.state(grads, self.wrt, graph=True))
         if grad_paths != paths:
             extra = sorted(set(grad_paths) - set(paths), key=path_str)

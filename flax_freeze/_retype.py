@@ -175,7 +175,11 @@ def freeze(node: N, filter: Any = Trainable, *, missing_ok: bool = False) -> N:
 
     On a plain pytree (dataclass, NamedTuple, dict...) trainable leaves (inexact
     arrays and floats) are wrapped in ``FrozenParam`` and a new tree is
-    returned, since pytrees are immutable. Works inside ``nnx.jit`` too.
+    returned, since pytrees are immutable.
+
+    Inside ``nnx.jit`` in graph mode the change reaches the caller's module. In
+    a tree-mode trace (``jax.jit``, ``nnx.jit(graph=False)``) only what the
+    function returns carries it: freeze eagerly, between steps, instead.
 
     Args:
         node: an NNX module or any pytree holding modules or arrays.
