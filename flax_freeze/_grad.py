@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx import graphlib
 
+from ._boxes import is_frozen_box
 from ._filters import Path, Predicate, to_predicate
 from ._retype import is_raw_trainable, selects_leaf
 from ._variables import FrozenParam, Trainable
@@ -21,8 +22,8 @@ class _Leaf(nnx.Param):
 
 
 def _is_stop(x: Any) -> bool:
-    """Leaves of a pytree walk: variables and NNX graph nodes are not looked into."""
-    return isinstance(x, nnx.Variable) or graphlib.is_graph_node(x)
+    """Leaves of a pytree walk: variables, NNX graph nodes and Linen frozen boxes."""
+    return isinstance(x, nnx.Variable) or graphlib.is_graph_node(x) or is_frozen_box(x)
 
 
 def _wrap_leaves(tree: Any, pred: Predicate) -> Any:
@@ -279,6 +280,9 @@ def value_and_grad(
 def stop_frozen(tree: Any) -> Any:
     """Returns ``tree`` with every frozen value behind ``lax.stop_gradient``.
 
+    Frozen values are the contents of ``FrozenParam`` variables and of Linen
+    frozen boxes (``ffl.FrozenBox``).
+
     Plain ``jax.grad`` differentiates a ``FrozenParam`` inside a pytree like any
     other leaf (it is pytree data, so tracers may live in it). Prefer
     :func:`grad`, which never builds those gradients. For code that must call
@@ -307,9 +311,13 @@ def stop_frozen(tree: Any) -> Any:
             return FrozenParam.from_metadata(
                 jax.lax.stop_gradient(x.get_raw_value()), x.get_metadata()
             )
+        if is_frozen_box(x):
+            return jax.tree.map(jax.lax.stop_gradient, x)
         return x
 
-    return jax.tree.map(stop, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(
+        stop, tree, is_leaf=lambda x: isinstance(x, nnx.Variable) or is_frozen_box(x)
+    )
 
 
 def trainable_tree(tree: Any, *, wrt: Any = Trainable) -> Any:

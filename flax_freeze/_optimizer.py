@@ -22,7 +22,35 @@ def _paths(state: nnx.State) -> tuple[Path, ...]:
     return tuple(sorted((path for path, _ in nnx.to_flat_state(state)), key=path_str))
 
 
-def migrate_opt_state(tx: optax.GradientTransformation, old_state: Any, params: nnx.State) -> Any:
+def carry_over(fresh: Any, old: Any) -> Any:
+    """Returns ``fresh`` with every leaf that ``old`` also has taken from ``old``.
+
+    Leaves match by key path, shape and dtype. ``fresh`` may hold ``nnx``
+    variables (their values are replaced in place) or plain arrays; ``old``
+    may hold either.
+    """
+    previous = dict(jax.tree_util.tree_flatten_with_path(nnx.as_pure(old))[0])
+
+    def same_kind(a: Any, b: Any) -> bool:
+        return getattr(a, "shape", None) == getattr(b, "shape", None) and getattr(
+            a, "dtype", None
+        ) == getattr(b, "dtype", None)
+
+    def pick(key_path: Any, leaf: Any) -> Any:
+        value = leaf.get_raw_value() if isinstance(leaf, nnx.Variable) else leaf
+        if key_path not in previous or not same_kind(previous[key_path], value):
+            return leaf
+        if isinstance(leaf, nnx.Variable):
+            leaf.set_raw_value(previous[key_path])
+            return leaf
+        return previous[key_path]
+
+    return jax.tree_util.tree_map_with_path(
+        pick, fresh, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+
+
+def migrate_opt_state(tx: optax.GradientTransformation, old_state: Any, params: Any) -> Any:
     """Builds optimizer state for ``params``, reusing ``old_state`` wherever it fits.
 
     A fresh ``tx.init(params)`` gives the new structure. Every leaf whose key
@@ -33,24 +61,19 @@ def migrate_opt_state(tx: optax.GradientTransformation, old_state: Any, params: 
 
     Args:
         tx: the optax transformation.
-        old_state: the current optimizer state (``OptState`` variables).
-        params: the ``nnx.State`` of the parameters to be trained from now on.
+        old_state: the current optimizer state (``OptState`` variables, or a
+            plain pytree).
+        params: the parameters to be trained from now on: an ``nnx.State`` (the
+            state comes back as ``OptState`` variables) or a plain pytree with
+            ``None`` at frozen leaves (the state comes back as plain arrays).
 
     Returns:
-        The new optimizer state, as ``OptState`` variables.
+        The new optimizer state.
     """
-    old = dict(jax.tree_util.tree_flatten_with_path(nnx.as_pure(old_state))[0])
-    fresh = to_opt_state(tx.init(params))
-    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
-    for key_path, variable in jax.tree_util.tree_flatten_with_path(fresh, is_leaf=is_var)[0]:
-        if not isinstance(variable, nnx.Variable) or key_path not in old:
-            continue
-        value, previous = variable.get_raw_value(), old[key_path]
-        if getattr(previous, "shape", None) == getattr(value, "shape", None) and getattr(
-            previous, "dtype", None
-        ) == getattr(value, "dtype", None):
-            variable.set_raw_value(previous)
-    return fresh
+    fresh = tx.init(params)
+    if isinstance(params, nnx.State):
+        fresh = to_opt_state(fresh)
+    return carry_over(fresh, old_state)
 
 
 def _tracing_without_graph_updates(params: nnx.State) -> bool:

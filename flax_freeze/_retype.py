@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 from flax.nnx import graphlib
 
+from ._boxes import is_frozen_box
 from ._filters import Path, Predicate, matched_nothing, to_predicate
 from ._variables import PARAM_TYPE_KEY, FrozenParam, Trainable
 
@@ -42,12 +43,15 @@ class _Site:
     in_module: bool = False
 
 
-def collect(node: Any) -> tuple[dict[int, _Site], dict[Path, Any]]:
+def collect(
+    node: Any, boxes: dict[Path, Any] | None = None
+) -> tuple[dict[int, _Site], dict[Path, Any]]:
     """Walks ``node`` the way NNX does and returns its variables and bare trainable leaves.
 
     Variables are keyed by identity and carry *every* path they are reachable by
     (a tied variable has several). Bare leaves are only collected outside NNX
-    modules (inside a module only variables are state), keyed by path.
+    modules (inside a module only variables are state), keyed by path. Linen
+    frozen boxes are not looked into; they are put in ``boxes`` when given.
     """
     sites: dict[int, _Site] = {}
     raw: dict[Path, Any] = {}
@@ -57,6 +61,10 @@ def collect(node: Any) -> tuple[dict[int, _Site], dict[Path, Any]]:
             site = sites.setdefault(id(x), _Site(x))
             site.paths.append(path)
             site.in_module = site.in_module or in_module
+            return
+        if is_frozen_box(x):
+            if boxes is not None:
+                boxes[path] = x
             return
         impl = graphlib.get_node_impl(x)
         if impl is None:

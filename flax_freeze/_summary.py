@@ -8,7 +8,9 @@ from typing import Any
 
 import numpy as np
 from flax import nnx
+from flax.core import meta
 
+from ._boxes import PARAMS, is_variables_dict
 from ._filters import path_str
 from ._retype import collect
 from ._variables import FrozenParam
@@ -52,12 +54,20 @@ def _status(x: Any) -> str:
     return "trainable"  # a bare inexact leaf of a pytree
 
 
-def _row(path: str, x: Any) -> Row:
+def _row(path: str, x: Any, type_name: str | None = None, status: str | None = None) -> Row:
     value = x.get_raw_value() if isinstance(x, nnx.Variable) else x
     shape = tuple(getattr(value, "shape", np.shape(value)))
     dtype = np.dtype(getattr(value, "dtype", None) or np.asarray(value).dtype)
     count = math.prod(shape)
-    return Row(path, type(x).__name__, shape, dtype.name, _status(x), count, count * dtype.itemsize)
+    return Row(
+        path,
+        type_name or type(x).__name__,
+        shape,
+        dtype.name,
+        status or _status(x),
+        count,
+        count * dtype.itemsize,
+    )
 
 
 @dataclass(frozen=True)
@@ -147,7 +157,10 @@ def summary(node: Any) -> Summary:
     """Tabulates every variable of ``node``: path, type, shape, dtype, trainable or frozen.
 
     Args:
-        node: an NNX module, or any pytree holding modules, variables or arrays.
+        node: an NNX module, any pytree holding modules, variables or arrays,
+            or a Linen params or variables dict (frozen boxes count as frozen;
+            in a variables dict only ``params`` is trainable, ``frozen_params``
+            is frozen and every other collection is state).
 
     Returns:
         A :class:`Summary`; print it for the table with totals of elements
@@ -173,7 +186,29 @@ def summary(node: Any) -> Summary:
         layers: trainable 18 (72 B), frozen 40 (160 B)
         total: trainable 18 (72 B), frozen 40 (160 B)
     """
-    sites, raw = collect(node)
-    rows = [_row(path_str(min(s.paths, key=path_str)), s.variable) for s in sites.values()]
-    rows += [_row(path_str(p), x) for p, x in raw.items()]
+    if is_variables_dict(node):
+        rows = []
+        for collection, tree in node.items():
+            status = {PARAMS: None, "frozen_params": "frozen"}.get(collection, "state")
+            rows += _rows(tree, (collection,), status, collection)
+    else:
+        rows = _rows(node, (), None, "Array")
     return Summary(tuple(sorted(rows, key=lambda r: r.path)))
+
+
+def _rows(node: Any, prefix: tuple[Any, ...], status: str | None, bare: str) -> list[Row]:
+    """Rows of one tree: variables, Linen frozen boxes and bare inexact leaves.
+
+    ``status`` overrides the status of bare leaves (a Linen collection other
+    than ``params``); ``bare`` is the type shown for them.
+    """
+    boxes: dict[Any, Any] = {}
+    sites, raw = collect(node, boxes)
+    rows = [
+        _row(path_str((*prefix, *min(s.paths, key=path_str))), s.variable) for s in sites.values()
+    ]
+    for path, box in boxes.items():
+        rows.append(_row(path_str((*prefix, *path)), meta.unbox(box), type(box).__name__, "frozen"))
+    for path, x in raw.items():
+        rows.append(_row(path_str((*prefix, *path)), x, bare, status or "trainable"))
+    return rows

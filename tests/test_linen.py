@@ -1,0 +1,447 @@
+"""Linen support: frozen boxes, freeze/unfreeze on dicts, grads, TrainState, the bridge."""
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from flax.training import train_state
+
+import flax_freeze as ff
+from flax_freeze import linen as ffl
+
+X = jnp.linspace(-1, 1, 24).reshape(8, 3)
+Y = jnp.arange(8) % 2
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=True):
+        x = nn.Dense(16, kernel_init=ffl.frozen(nn.initializers.lecun_normal()), name="body")(x)
+        x = nn.BatchNorm(use_running_average=not train, name="bn")(x)
+        x = nn.relu(x)
+        x = nn.Dense(16, name="mid")(x)
+        return nn.Dense(2, name="head")(x)
+
+
+def init():
+    return Net().init(jax.random.key(0), X)
+
+
+def leaves_by_path(tree):
+    return {
+        jax.tree_util.keystr(k): v
+        for k, v in jax.tree_util.tree_flatten_with_path(
+            tree, is_leaf=lambda x: x is None or isinstance(x, ffl.FrozenBox)
+        )[0]
+    }
+
+
+# --------------------------------------------------------------------------- frozen(init)
+
+
+def test_frozen_initializer_boxes_and_modules_see_arrays():
+    v = init()
+    assert type(v["params"]["body"]["kernel"]) is ffl.FrozenBox
+    assert type(v["params"]["body"]["bias"]) is not ffl.FrozenBox
+    out, _ = Net().apply(v, X, mutable=["batch_stats"])
+    plain = {**v, "params": nn.meta.unbox(v["params"])}
+    expected, _ = Net().apply(plain, X, mutable=["batch_stats"])
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
+
+
+@pytest.mark.parametrize("order", ["frozen-outside", "frozen-inside"])
+def test_frozen_composes_with_partitioning(order):
+    init_fn = nn.initializers.lecun_normal()
+    if order == "frozen-outside":
+        kinit = ffl.frozen(nn.with_partitioning(init_fn, (None, "model")))
+    else:
+        kinit = nn.with_partitioning(ffl.frozen(init_fn), (None, "model"))
+    dense = nn.Dense(4, kernel_init=kinit)
+    v = dense.init(jax.random.key(0), jnp.ones((1, 3)))
+    spec = nn.get_partition_spec(v)["params"]["kernel"]
+    assert spec == jax.sharding.PartitionSpec(None, "model")
+    g = ff.grad(lambda p: dense.apply({"params": p}, jnp.ones((1, 3))).sum())(v["params"])
+    assert g["kernel"] is None
+    np.testing.assert_array_equal(np.asarray(g["bias"]), np.ones(4))
+    thawed = ffl.unfreeze(v)["params"]["kernel"]
+    assert type(thawed) is nn.Partitioned
+    assert thawed.names == (None, "model")
+    assert nn.get_partition_spec(ffl.freeze(ffl.unfreeze(v)))["params"]["kernel"] == spec
+
+
+def test_frozen_box_forwards_axis_changes_under_scan():
+    class Layer(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            kinit = ffl.frozen(nn.with_partitioning(nn.initializers.ones, ("a", "b")))
+            return nn.Dense(3, kernel_init=kinit)(x), None
+
+    scanned = nn.scan(
+        Layer,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        length=2,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    v = scanned().init(jax.random.key(0), jnp.ones((1, 3)), None)
+    kernel = v["params"]["Dense_0"]["kernel"]
+    assert type(kernel) is ffl.FrozenBox
+    assert kernel.get_partition_spec() == jax.sharding.PartitionSpec("layers", "a", "b")
+
+
+# --------------------------------------------------------------------------- freeze / unfreeze
+
+
+def test_freeze_params_dict_by_regex_without_copies():
+    params = init()["params"]
+    frozen = ffl.freeze(params, ff.PathRegex("mid/.*"))
+    assert frozen is not params
+    assert type(frozen["mid"]["kernel"]) is ffl.FrozenBox
+    assert frozen["mid"]["kernel"].value is params["mid"]["kernel"]
+    assert frozen["head"]["kernel"] is params["head"]["kernel"]
+    assert type(params["mid"]["kernel"]) is not ffl.FrozenBox  # the input is untouched
+    thawed = ffl.unfreeze(frozen, "mid/.*")
+    assert thawed["mid"]["kernel"] is params["mid"]["kernel"]
+    assert type(thawed["body"]["kernel"]) is ffl.FrozenBox  # not selected
+
+
+def test_freeze_by_callable_and_default_filters():
+    params = init()["params"]
+    frozen = ffl.freeze(params, lambda path, value: path[0] == "head")
+    assert {k for k, v in leaves_by_path(frozen).items() if isinstance(v, ffl.FrozenBox)} == {
+        "['body']['kernel']",
+        "['head']['bias']",
+        "['head']['kernel']",
+    }
+    everything = ffl.freeze(params)
+    assert all(type(v) is ffl.FrozenBox for v in leaves_by_path(everything).values())
+    assert not any(
+        type(v) is ffl.FrozenBox for v in leaves_by_path(ffl.unfreeze(everything)).values()
+    )
+
+
+def test_variables_dict_only_params_are_touched():
+    v = init()
+    frozen = ffl.freeze(v, ff.PathRegex(".*"))
+    assert frozen["batch_stats"] is v["batch_stats"] or frozen["batch_stats"] == v["batch_stats"]
+    assert type(frozen["batch_stats"]["bn"]["mean"]) is not ffl.FrozenBox
+    assert type(frozen["params"]["head"]["kernel"]) is ffl.FrozenBox
+    extra = {
+        **v,
+        "frozen_params": {"scale": ffl.FrozenBox(jnp.ones(2))},
+        "cache": {"k": jnp.ones(2)},
+    }
+    thawed = ffl.unfreeze(extra, ff.PathRegex(".*"))
+    assert type(thawed["frozen_params"]["scale"]) is ffl.FrozenBox
+    assert type(thawed["params"]["body"]["kernel"]) is not ffl.FrozenBox
+    with pytest.raises(ValueError, match=r"matched no parameter"):
+        ffl.freeze(v, ff.PathRegex("batch_stats/.*"))
+
+
+def test_matched_nothing_and_bad_filter():
+    params = init()["params"]
+    with pytest.raises(
+        ValueError, match=r"PathRegex\('encoder/\.\*'\).*matched no parameter.*head/bias"
+    ):
+        ffl.freeze(params, ff.PathRegex("encoder/.*"))
+    assert ffl.freeze(params, "encoder/.*", missing_ok=True) == params
+    with pytest.raises(
+        TypeError, match=r"`filter` must be ff.PathRegex, a regex string or a callable"
+    ):
+        ffl.freeze(params, 3)
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+def loss_params(params, batch_stats):
+    logits, upd = Net().apply(
+        {"params": params, "batch_stats": batch_stats}, X, mutable=["batch_stats"]
+    )
+    return optax.softmax_cross_entropy_with_integer_labels(logits, Y).mean(), upd
+
+
+def test_ff_grad_on_params_dict_gives_none_at_frozen_leaves():
+    v = init()
+    params = ffl.freeze(v["params"], ff.PathRegex("mid/.*"))
+    grads, upd = ff.grad(loss_params, has_aux=True)(params, v["batch_stats"])
+    assert grads["body"]["kernel"] is None
+    assert grads["mid"] == {"bias": None, "kernel": None}
+    # the trainable leaves equal a hand-written split
+    trainable = {"head": params["head"], "bias": params["body"]["bias"], "bn": params["bn"]}
+
+    def closed(t):
+        p = {**params, "head": t["head"], "bn": t["bn"]}
+        p = {**p, "body": {**params["body"], "bias": t["bias"]}}
+        return loss_params(p, v["batch_stats"])[0]
+
+    ref = jax.grad(closed)(trainable)
+    np.testing.assert_allclose(
+        np.asarray(grads["head"]["kernel"]), np.asarray(ref["head"]["kernel"]), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        np.asarray(grads["body"]["bias"]), np.asarray(ref["bias"]), rtol=1e-5
+    )
+    assert upd["batch_stats"]["bn"]["mean"].shape == (16,)
+
+
+def test_ffl_grad_on_whole_variables_dict():
+    v = init()
+    v = ffl.freeze(v, ff.PathRegex("params/mid/.*"))
+
+    def loss(variables):
+        logits, upd = Net().apply(variables, X, mutable=["batch_stats"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, Y).mean(), upd
+
+    (value, upd), grads = ffl.value_and_grad(loss, has_aux=True)(v)
+    assert set(grads) == {"params"}
+    assert grads["params"]["mid"]["kernel"] is None
+    assert grads["params"]["body"]["kernel"] is None
+    assert grads["params"]["head"]["kernel"].shape == (16, 2)
+    g2, upd2 = ffl.grad(loss, has_aux=True)(v)
+    np.testing.assert_array_equal(
+        np.asarray(g2["params"]["head"]["kernel"]), np.asarray(grads["params"]["head"]["kernel"])
+    )
+    np.testing.assert_array_equal(
+        np.asarray(upd2["batch_stats"]["bn"]["mean"]), np.asarray(upd["batch_stats"]["bn"]["mean"])
+    )
+    assert float(value) > 0
+
+
+def test_ffl_grad_rejects_a_params_dict():
+    with pytest.raises(
+        TypeError, match=r"`argnums` names argument 0, which is not a Linen variables dict"
+    ):
+        ffl.grad(lambda p: 0.0)(init()["params"])
+
+
+def test_ffl_grad_leaves_the_frozen_params_collection_of_to_linen_alone():
+    class M(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(3, 2, rngs=rngs)
+            self.scale = ff.FrozenParam(jnp.full(2, 3.0))
+
+        def __call__(self, x):
+            return self.lin(x) * self.scale
+
+    lm = nnx.bridge.ToLinen(M, args=())
+    v = lm.init(jax.random.key(0), jnp.ones((1, 3)))
+    assert set(v) == {"params", "frozen_params"}
+    g = ffl.grad(lambda v: lm.apply(v, jnp.ones((1, 3))).sum())(v)
+    assert set(g) == {"params"}
+    np.testing.assert_allclose(np.asarray(g["params"]["lin"]["bias"]), [3.0, 3.0])
+    s = ff.summary(v)
+    assert s.frozen_count == 2
+    assert s.trainable_count == 8
+
+
+def _flops(fn, *args):
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list | tuple) else cost)["flops"]
+
+
+class Deep(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for i in range(4):
+            x = nn.relu(nn.Dense(256, name=f"layer{i}")(x))
+        return nn.Dense(10, name="head")(x)
+
+
+@pytest.mark.parametrize("clip", [False, True], ids=["plain", "clip-by-global-norm"])
+@pytest.mark.parametrize("via", ["ff.grad", "ffl.grad"])
+def test_no_frozen_weight_gradients_in_flops(clip, via):
+    x = jax.random.normal(jax.random.key(0), (64, 256))
+    y = jnp.arange(64) % 10
+    v = Deep().init(jax.random.key(1), x)
+    frozen = ffl.freeze(v, ff.PathRegex("params/layer.*"))
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3)) if clip else optax.adam(1e-3)
+
+    def loss_vars(variables):
+        return optax.softmax_cross_entropy_with_integer_labels(Deep().apply(variables, x), y).mean()
+
+    def step_ff(variables):
+        if via == "ffl.grad":
+            grads = ffl.grad(loss_vars)(variables)["params"]
+        else:
+            grads = ff.grad(lambda p: loss_vars({"params": p}))(variables["params"])
+        state = tx.init(ff.trainable_tree(variables["params"]))
+        updates, _ = tx.update(grads, state)
+        return ff.apply_updates(variables["params"], updates), grads
+
+    def step_split(variables):
+        params = nn.meta.unbox(variables["params"])
+        head = params["head"]
+        grads = jax.grad(lambda h: loss_vars({"params": {**params, "head": h}}))(head)
+        state = tx.init(head)
+        updates, _ = tx.update(grads, state)
+        return optax.apply_updates(head, updates), grads
+
+    def step_full(variables):
+        params = nn.meta.unbox(variables["params"])
+        return jax.grad(lambda p: loss_vars({"params": p}))(params)
+
+    f_ff, f_split, f_full = (
+        _flops(step_ff, frozen),
+        _flops(step_split, frozen),
+        _flops(step_full, frozen),
+    )
+    assert abs(f_ff - f_split) <= 0.01 * f_split, (f_ff, f_split)
+    assert f_full > 2.0 * f_split
+
+
+# --------------------------------------------------------------------------- TrainState
+
+
+class BNState(ffl.TrainState):
+    batch_stats: Any
+
+
+@jax.jit
+def bn_step(state, x, y):
+    def loss(params):
+        logits, upd = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats}, x, mutable=["batch_stats"]
+        )
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
+
+    (_, upd), grads = ff.value_and_grad(loss, has_aux=True)(state.params)
+    return state.apply_gradients(grads=grads, batch_stats=upd["batch_stats"])
+
+
+def make_state(tx):
+    v = init()
+    return BNState.create(
+        apply_fn=Net().apply, params=v["params"], tx=tx, batch_stats=v["batch_stats"]
+    )
+
+
+def test_train_state_is_a_flax_train_state_with_the_same_create():
+    state = make_state(optax.adam(1e-2))
+    assert isinstance(state, train_state.TrainState)
+    assert int(state.step) == 0
+    # apply_fn works on the boxed params unchanged
+    state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, X, train=False)
+    mu = state.opt_state[0].mu
+    assert mu["body"]["kernel"] is None
+    assert mu["head"]["kernel"].shape == (16, 2)
+
+
+@pytest.mark.parametrize(
+    "tx",
+    [
+        pytest.param(optax.adamw(0.1, weight_decay=0.5), id="adamw"),
+        pytest.param(optax.chain(optax.add_decayed_weights(0.5), optax.sgd(0.1)), id="decay-sgd"),
+        pytest.param(optax.lion(0.1, weight_decay=0.5), id="lion"),
+        pytest.param(
+            optax.chain(optax.clip_by_global_norm(0.1), optax.adamw(0.1)), id="clip-adamw"
+        ),
+    ],
+)
+def test_frozen_params_stay_bit_identical(tx):
+    state = make_state(tx)
+    state = state.freeze(ff.PathRegex("mid/.*"))
+    before = nn.meta.unbox(state.params)
+    mean_before = np.asarray(state.batch_stats["bn"]["mean"])
+    for _ in range(3):
+        state = bn_step(state, X, Y)
+    after = nn.meta.unbox(state.params)
+    for name in ("body", "mid"):
+        np.testing.assert_array_equal(
+            np.asarray(after[name]["kernel"]), np.asarray(before[name]["kernel"])
+        )
+    assert not np.array_equal(
+        np.asarray(after["head"]["kernel"]), np.asarray(before["head"]["kernel"])
+    )
+    assert not np.array_equal(np.asarray(state.batch_stats["bn"]["mean"]), mean_before)
+    assert int(state.step) == 3
+
+
+def test_unfreeze_migrates_optimizer_state():
+    state = make_state(optax.adam(1e-2))
+    for _ in range(2):
+        state = bn_step(state, X, Y)
+    head_mu = np.asarray(state.opt_state[0].mu["head"]["kernel"])
+    count = int(state.opt_state[0].count)
+    state = state.unfreeze(ff.PathRegex("body/kernel"))
+    assert type(state.params["body"]["kernel"]) is not ffl.FrozenBox
+    np.testing.assert_array_equal(np.asarray(state.opt_state[0].mu["head"]["kernel"]), head_mu)
+    assert int(state.opt_state[0].count) == count
+    np.testing.assert_array_equal(np.asarray(state.opt_state[0].mu["body"]["kernel"]), 0.0)
+    state = bn_step(state, X, Y)
+    assert int(state.step) == 3
+    state = state.freeze(ff.PathRegex("head/.*"))
+    assert state.opt_state[0].mu["head"] == {"bias": None, "kernel": None}
+    state = bn_step(state, X, Y)
+
+
+def test_apply_gradients_accepts_ffl_grad_output():
+    state = make_state(optax.sgd(0.1))
+    grads = ffl.grad(lambda v: loss_params(v["params"], v["batch_stats"])[0])(
+        {"params": state.params, "batch_stats": state.batch_stats}
+    )
+    new = state.apply_gradients(grads=grads)
+    delta = np.asarray(new.params["head"]["bias"]) - np.asarray(state.params["head"]["bias"])
+    np.testing.assert_allclose(delta, -0.1 * np.asarray(grads["params"]["head"]["bias"]), rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- the bridge
+
+
+def test_to_nnx_bridge_makes_frozen_boxes_frozen_params():
+    linen = nn.Sequential(
+        [nn.Dense(4, kernel_init=ffl.frozen(nn.initializers.lecun_normal())), nn.Dense(2)]
+    )
+    model = nnx.bridge.ToNNX(linen, rngs=nnx.Rngs(0))
+    model = nnx.bridge.lazy_init(model, jnp.ones((1, 3)))
+    kernel = model.layers_0["kernel"]
+    assert type(kernel) is nnx.Param  # plain bridge: a Param that remembers its box type
+    assert kernel.get_metadata()["linen_meta_type"] is ffl.FrozenBox
+    assert ffl.to_nnx(model) is model
+    assert type(model.layers_0["kernel"]) is ff.FrozenParam
+    assert type(model.layers_1["kernel"]) is nnx.Param
+    grads = ff.grad(lambda m: m(jnp.ones((1, 3))).sum())(model)
+    assert {p for p, _ in nnx.to_flat_state(grads)} == {
+        ("layers_0", "bias"),
+        ("layers_1", "bias"),
+        ("layers_1", "kernel"),
+    }
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def test_summary_of_params_and_variables_dicts():
+    v = init()
+    s = ff.summary(v["params"])
+    rows = {r.path: r for r in s.rows}
+    assert rows["body/kernel"].status == "frozen"
+    assert rows["body/kernel"].type == "FrozenBox"
+    assert rows["head/kernel"].status == "trainable"
+    assert s.frozen_count == 3 * 16
+    s = ff.summary(v)
+    rows = {r.path: r for r in s.rows}
+    assert rows["batch_stats/bn/mean"].status == "state"
+    assert rows["params/body/kernel"].status == "frozen"
+    assert s.totals.count["state"] == 32
+    assert s.trainable_count == 16 + 16 * 2 + 16 * 16 + 16 + 16 * 2 + 2
+
+
+# --------------------------------------------------------------------------- the example
+
+
+def test_linen_example_fine_tunes_with_frozen_convolutions():
+    sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
+    import linen_finetune
+
+    r = linen_finetune.main(steps=60)  # raises if a frozen convolution moved
+    assert r["pretrain"] > 0.8
+    assert r["head_only"] > 0.6  # chance is 0.2
+    assert r["all"] > 0.6
