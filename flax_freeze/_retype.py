@@ -15,7 +15,7 @@ from flax.nnx import graphlib
 
 from ._boxes import is_frozen_box
 from ._filters import Path, Predicate, matched_nothing, to_predicate
-from ._variables import PARAM_TYPE_KEY, FrozenParam, Trainable
+from ._variables import PARAM_TYPE_KEY, TRAINED_DTYPE_KEY, FrozenParam, Trainable
 
 N = TypeVar("N")
 
@@ -130,18 +130,54 @@ def replace(
     return visit(node, (), False)
 
 
-def _frozen_copy(variable: nnx.Variable) -> FrozenParam:
+def _stored(value: Any, metadata: dict[str, Any], dtype: np.dtype | None) -> Any:
+    """The value to keep frozen: cast to ``dtype``, noting the trained dtype in ``metadata``."""
+    if dtype is None or np.dtype(jnp.result_type(value)) == dtype:
+        return value
+    metadata[TRAINED_DTYPE_KEY] = np.dtype(jnp.result_type(value))
+    return jnp.asarray(value).astype(dtype)
+
+
+def _frozen_copy(variable: nnx.Variable, dtype: np.dtype | None) -> FrozenParam:
     metadata = variable.get_metadata()
     metadata[PARAM_TYPE_KEY] = type(variable)
-    return FrozenParam.from_metadata(variable.get_raw_value(), metadata)  # type: ignore[return-value]
+    value = _stored(variable.get_raw_value(), metadata, dtype)
+    return FrozenParam.from_metadata(value, metadata)  # type: ignore[return-value]
+
+
+def _frozen_leaf(x: Any, dtype: np.dtype | None) -> FrozenParam:
+    metadata: dict[str, Any] = {}
+    value = _stored(x, metadata, dtype)
+    return FrozenParam(value, **metadata)
 
 
 def _trainable_copy(variable: nnx.Variable, in_module: bool) -> Any:
     metadata = variable.get_metadata()
     param_type = metadata.pop(PARAM_TYPE_KEY, None)
+    value = variable.get_raw_value()
+    trained_dtype = metadata.pop(TRAINED_DTYPE_KEY, None)
+    if trained_dtype is not None:
+        value = value.astype(trained_dtype)
     if param_type is None and not in_module:
-        return variable.get_raw_value()  # a bare pytree leaf frozen by freeze()
-    return (param_type or nnx.Param).from_metadata(variable.get_raw_value(), metadata)
+        return value  # a bare pytree leaf frozen by freeze()
+    return (param_type or nnx.Param).from_metadata(value, metadata)
+
+
+def _check_dtype(dtype: Any) -> np.dtype | None:
+    if dtype is None:
+        return None
+    try:
+        checked = np.dtype(dtype)
+    except TypeError as err:
+        raise TypeError(
+            f"`dtype` must be a floating dtype such as jnp.bfloat16, got {dtype!r}."
+        ) from err
+    if not jnp.issubdtype(checked, jnp.inexact):
+        raise TypeError(
+            f"`dtype` must be a floating dtype such as jnp.bfloat16, got {dtype!r}: "
+            "frozen parameters keep real or complex values."
+        )
+    return checked
 
 
 def _matches(pred: Predicate, site: _Site) -> bool:
@@ -167,7 +203,7 @@ def _select(
     return chosen, chosen_raw
 
 
-def freeze(node: N, filter: Any = Trainable, *, missing_ok: bool = False) -> N:
+def freeze(node: N, filter: Any = Trainable, *, missing_ok: bool = False, dtype: Any = None) -> N:
     """Makes the parameters that ``filter`` selects frozen, in place.
 
     Each selected ``nnx.Param`` (or subclass, such as ``nnx.LoRAParam``) is
@@ -189,19 +225,27 @@ def freeze(node: N, filter: Any = Trainable, *, missing_ok: bool = False) -> N:
     a tree-mode trace (``jax.jit``, ``nnx.jit(graph=False)``) only what the
     function returns carries it: freeze eagerly, between steps, instead.
 
+    With ``dtype`` (e.g. ``jnp.bfloat16``) the parameters this call freezes
+    are kept in that precision to save memory: a new array of the same
+    sharding replaces each one, its trained dtype is noted in the
+    ``trained_dtype`` metadata entry, and :func:`unfreeze` casts it back. The
+    precision lost is not restored. Modules that promote dtypes (``nnx.Linear``
+    and the other Flax layers) compute with the frozen weight as before.
+
     Args:
         node: an NNX module or any pytree holding modules or arrays.
         filter: any NNX filter (a Variable type, ``nnx.PathContains``,
             ``nnx.All``/``Any``/``Not``, a callable ``(path, variable) -> bool``)
             or :class:`PathRegex`. Defaults to every trainable parameter.
         missing_ok: allow a filter that selects no parameter.
+        dtype: keep the newly frozen parameters in this floating dtype.
 
     Returns:
         ``node`` itself (modules change in place), or the rebuilt pytree.
 
     Raises:
         ValueError: if ``filter`` selects no parameter and ``missing_ok`` is False.
-        TypeError: if ``filter`` is not a filter.
+        TypeError: if ``filter`` is not a filter, or ``dtype`` not a floating dtype.
 
     Example:
         >>> from flax import nnx
@@ -215,11 +259,14 @@ def freeze(node: N, filter: Any = Trainable, *, missing_ok: bool = False) -> N:
         >>> model.layers[0].kernel.get_raw_value() is kernel
         True
     """
+    stored_dtype = _check_dtype(dtype)
     chosen, chosen_raw = _select("freeze", node, filter, missing_ok)
     new_variables = {
-        k: _frozen_copy(s.variable) for k, s in chosen.items() if isinstance(s.variable, nnx.Param)
+        k: _frozen_copy(s.variable, stored_dtype)
+        for k, s in chosen.items()
+        if isinstance(s.variable, nnx.Param)
     }
-    new_leaves = {p: FrozenParam(x) for p, x in chosen_raw.items()}
+    new_leaves = {p: _frozen_leaf(x, stored_dtype) for p, x in chosen_raw.items()}
     return replace(node, new_variables, new_leaves)
 
 

@@ -57,13 +57,13 @@ def _status(x: Any) -> str:
 def _row(path: str, x: Any, type_name: str | None = None, status: str | None = None) -> Row:
     value = x.get_raw_value() if isinstance(x, nnx.Variable) else x
     shape = tuple(getattr(value, "shape", np.shape(value)))
-    dtype = np.dtype(getattr(value, "dtype", None) or np.asarray(value).dtype)
+    dtype = getattr(value, "dtype", None) or np.asarray(value).dtype  # PRNG keys: key<fry>
     count = math.prod(shape)
     return Row(
         path,
         type_name or type(x).__name__,
         shape,
-        dtype.name,
+        str(dtype),
         status or _status(x),
         count,
         count * dtype.itemsize,

@@ -14,6 +14,10 @@ A = TypeVar("A")
 #: (for example ``nnx.LoRAParam``) so that ``unfreeze`` can restore it.
 PARAM_TYPE_KEY = "param_type"
 
+#: Metadata key under which a parameter frozen in a lower precision
+#: (``freeze(..., dtype=...)``) remembers the dtype it was trained in.
+TRAINED_DTYPE_KEY = "trained_dtype"
+
 
 def _compare(op: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
     """A comparison that acts on the variable's value, as ``nnx.Variable.__eq__`` does."""

@@ -328,3 +328,50 @@ def test_property_unfreeze_after_freeze_restores_everything(mod, filter_):
         assert after[path][0] is typ, path
         assert after[path][1] == meta, path
         assert after[path][2] is value, path
+
+
+# ----------------------------------------------------------------------------------------------
+# Frozen parameters kept in a lower precision
+
+
+def test_freeze_in_bfloat16_halves_frozen_bytes_and_unfreeze_casts_back():
+    net = Net(nnx.Rngs(0))
+    x = jnp.ones((2, 4))
+    full = ff.summary(ff.freeze(Net(nnx.Rngs(0)), ff.PathRegex("blocks/.*"))).frozen_bytes
+    kernel = np.asarray(net.blocks[0].lin.kernel[...])
+    ff.freeze(net, ff.PathRegex("blocks/.*"), dtype=jnp.bfloat16)
+    assert net.blocks[0].lin.kernel.dtype == jnp.bfloat16
+    assert net.blocks[0].lin.kernel.get_metadata()["trained_dtype"] == np.dtype("float32")
+    assert ff.summary(net).frozen_bytes * 2 == full
+    out = net.blocks[0](x)  # Flax layers promote: the computation runs as before
+    assert out.dtype == jnp.float32
+    ff.unfreeze(net, ff.PathRegex("blocks/.*"))
+    assert net.blocks[0].lin.kernel.dtype == jnp.float32
+    assert "trained_dtype" not in net.blocks[0].lin.kernel.get_metadata()
+    rounded = np.asarray(jnp.asarray(kernel).astype(jnp.bfloat16).astype(jnp.float32))
+    np.testing.assert_array_equal(np.asarray(net.blocks[0].lin.kernel[...]), rounded)
+
+
+def test_freeze_in_bfloat16_keeps_sharding():
+    mesh = jax.make_mesh((8,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+    m = nnx.Linear(4, 8, rngs=nnx.Rngs(0))
+    sharding = NamedSharding(mesh, P(None, "model"))
+    m.kernel.set_raw_value(jax.device_put(m.kernel.get_raw_value(), sharding))
+    ff.freeze(m, dtype=jnp.bfloat16)
+    assert m.kernel.get_raw_value().sharding == sharding
+    ff.unfreeze(m)
+    assert m.kernel.get_raw_value().sharding == sharding
+    assert m.kernel.dtype == jnp.float32
+
+
+def test_freeze_dtype_on_pytrees_and_bad_dtype():
+    tree = {"w": jnp.ones(3), "v": 2.0}
+    frozen = ff.freeze(tree, dtype=jnp.bfloat16)
+    assert frozen["w"].dtype == jnp.bfloat16
+    assert ff.unfreeze(frozen)["w"].dtype == jnp.float32
+    with pytest.raises(
+        TypeError, match=r"`dtype` must be a floating dtype such as jnp.bfloat16, got"
+    ):
+        ff.freeze(tree, dtype=jnp.int8)
+    with pytest.raises(TypeError, match=r"`dtype` must be a floating dtype"):
+        ff.freeze(tree, dtype="not-a-dtype")

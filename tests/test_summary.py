@@ -76,3 +76,11 @@ def test_bytes_formatting(n):
     from flax_freeze._summary import _bytes
 
     assert _bytes(n) == ("1,023 B" if n == 1023 else "3.0 MiB")
+
+
+def test_summary_shows_rng_keys_as_state():
+    s = ff.summary(nnx.Dropout(0.5, rngs=nnx.Rngs(0)))
+    rows = {r.path: r for r in s.rows}
+    key_row = next(r for r in rows.values() if r.dtype.startswith("key<"))
+    assert key_row.status == "state"
+    assert key_row.bytes == 8
