@@ -8,9 +8,11 @@ The same step — ``ff.value_and_grad`` of the trainable state, an
 (b) under ``jax.shard_map``: state replicated, batch sharded. With
     ``check_vma=True`` (the default) JAX sums the cotangents of replicated
     inputs itself, so the gradient of ``pmean(local_loss)`` is already the
-    global gradient: do **not** ``pmean`` the gradients again (that would
-    divide them by the device count). With ``check_vma=False`` take the
-    local gradient and ``pmean`` it;
+    global gradient. The ``pmap`` habit — the gradient of the *local* loss,
+    then ``pmean`` — is wrong here by the device count: the sum is already
+    taken, and ``pmean`` of a value that no longer varies leaves it as it is
+    (measured in ``tests/test_parallel.py``). With ``check_vma=False`` the
+    ``pmap`` habit is right: local gradient, then ``pmean``;
 (c) under ``jax.pmap``: state replicated per device, local gradients
     averaged with ``pmean``.
 

@@ -1,5 +1,6 @@
 """flax_freeze: frozen parameters as a first-class, switchable property of Flax state."""
 
+from . import checkpoint as checkpoint
 from ._filters import PathRegex as PathRegex
 from ._grad import grad as grad
 from ._grad import stop_frozen as stop_frozen
@@ -24,6 +25,7 @@ __all__ = [
     "Summary",
     "Trainable",
     "apply_updates",
+    "checkpoint",
     "freeze",
     "freezing",
     "grad",
