@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
 from flax.core import meta
@@ -57,7 +58,9 @@ def _status(x: Any) -> str:
 def _row(path: str, x: Any, type_name: str | None = None, status: str | None = None) -> Row:
     value = x.get_raw_value() if isinstance(x, nnx.Variable) else x
     shape = tuple(getattr(value, "shape", np.shape(value)))
-    dtype = getattr(value, "dtype", None) or np.asarray(value).dtype  # PRNG keys: key<fry>
+    # Arrays carry their dtype (PRNG keys too: key<fry>); a Python number is
+    # counted in the dtype JAX computes it in (float32 unless x64 is enabled).
+    dtype = getattr(value, "dtype", None) or jax.dtypes.canonicalize_dtype(np.result_type(value))
     count = math.prod(shape)
     return Row(
         path,
@@ -78,8 +81,9 @@ class Summary:
     top-level child (module or key). Counts are numbers of elements.
 
     Attributes:
-        rows: one :class:`Row` per variable (a tied variable once, under its
-            first path), sorted by path.
+        rows: one ``Row`` per variable (path, type, shape, dtype, status,
+            count, bytes; a tied variable once, under its first path), sorted
+            by path.
     """
 
     rows: tuple[Row, ...]

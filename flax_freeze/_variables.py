@@ -41,9 +41,9 @@ class FrozenParam(nnx.Variable[A]):
 
     Declare a parameter frozen from the start with ``FrozenParam(value)``, or
     re-type live parameters with :func:`flax_freeze.freeze`. A parameter frozen
-    by ``freeze`` remembers its trainable type in the ``param_type`` metadata
-    entry (only when that type is not plain ``nnx.Param``), and ``unfreeze``
-    gives it back.
+    by ``freeze`` remembers its trainable type (``nnx.Param``,
+    ``nnx.LoRAParam``...) in the ``param_type`` metadata entry, and
+    ``unfreeze`` gives it back; one declared frozen becomes ``nnx.Param``.
 
     Example:
         >>> import jax.numpy as jnp

@@ -84,3 +84,8 @@ def test_summary_shows_rng_keys_as_state():
     key_row = next(r for r in rows.values() if r.dtype.startswith("key<"))
     assert key_row.status == "state"
     assert key_row.bytes == 8
+
+
+def test_summary_counts_python_floats_in_float32():
+    (row,) = ff.summary({"a": 0.5}).rows
+    assert row == Row("a", "Array", (), "float32", "trainable", 1, 4)
