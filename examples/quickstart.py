@@ -1,24 +1,38 @@
-"""Quickstart: pretrain, freeze the backbone, fine-tune the head, unfreeze part of it.
+"""Quickstart: pretrain, freeze the backbone, fine-tune the head, unfreeze block by block.
 
-Runs on scikit-learn's digits (shipped with the package, no download):
-pretrain an MLP on digits 0-4, give it a new head for digits 5-9, train the
-head with the backbone frozen, then unfreeze the last block and train on.
+On scikit-learn's digits (shipped with the package, no download):
 
-    python examples/quickstart.py [--steps N]
+1. pretrain an MLP (three blocks and a head) on digits 0-4;
+2. give it a new head for digits 5-9 and train the head alone, backbone frozen;
+3. unfreeze the backbone gradually, top block first, training after each step;
+4. save a checkpoint with the frozen flags halfway, restore it into a fresh
+   model, and carry on from the restored one.
+
+Each phase shows a progress bar, the summary table and the test accuracy. The
+loss curve, with the unfreeze points marked, is written as a PNG.
+
+    python examples/quickstart.py [--steps N] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import matplotlib
 import numpy as np
 import optax
 from flax import nnx
 from sklearn.datasets import load_digits
+from tqdm import tqdm
 
 import flax_freeze as ff
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 
 class Block(nnx.Module):
@@ -57,7 +71,7 @@ def loss_fn(model: Classifier, x: jax.Array, y: jax.Array) -> jax.Array:
 @nnx.jit
 def train_step(model: Classifier, opt: ff.Optimizer, x: jax.Array, y: jax.Array) -> jax.Array:
     loss, grads = ff.value_and_grad(loss_fn)(model, x, y)  # grads of trainable state only
-    opt.update(model, grads)
+    opt.update(model, grads)  # migrates its state by itself after a freeze change
     return loss
 
 
@@ -67,6 +81,7 @@ def accuracy(model: Classifier, x: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def digits(classes: range, seed: int = 0) -> tuple[jax.Array, ...]:
+    """Train and test splits of the digits in ``classes``, labels from 0."""
     data = load_digits()
     keep = np.isin(data.target, list(classes))
     x = (data.data[keep] / 16.0).astype(np.float32)
@@ -74,56 +89,100 @@ def digits(classes: range, seed: int = 0) -> tuple[jax.Array, ...]:
     order = np.random.default_rng(seed).permutation(len(y))
     x, y = x[order], y[order]
     split = int(0.8 * len(y))
-    return (
-        jnp.asarray(x[:split]),
-        jnp.asarray(y[:split]),
-        jnp.asarray(x[split:]),
-        jnp.asarray(y[split:]),
+    train_split = jnp.asarray(x[:split]), jnp.asarray(y[:split])
+    return (*train_split, jnp.asarray(x[split:]), jnp.asarray(y[split:]))
+
+
+def train(
+    name: str, model: Classifier, opt: ff.Optimizer, data: tuple, steps: int, losses: list[float]
+) -> float:
+    """Trains ``steps`` steps with a progress bar; returns the test accuracy."""
+    x, y, xt, yt = data
+    rng = np.random.default_rng(len(losses))
+    bar = tqdm(range(steps), desc=f"{name:<24}", ncols=90, mininterval=0.5)
+    for _ in bar:
+        idx = rng.integers(0, len(y), 64)
+        losses.append(float(train_step(model, opt, x[idx], y[idx])))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    acc = float(accuracy(model, xt, yt))
+    print(f"{name}: test accuracy {acc:.3f}")
+    return acc
+
+
+def plot(losses: list[float], marks: list[tuple[int, str]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(losses, lw=0.8, color="tab:blue")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    for step, label in marks:
+        ax.axvline(step, color="tab:red", ls="--", lw=0.8)
+        ax.text(step, ax.get_ylim()[1], f" {label}", rotation=90, va="top", fontsize=8)
+    ax.set_title("fine-tuning on digits 5-9: head first, then block by block")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(steps: int = 150, out: str | Path = "out/quickstart") -> dict[str, float]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, float] = {}
+
+    # 1. Pretrain on digits 0-4.
+    pretrained = Classifier(nnx.Rngs(0))
+    pretrain_losses: list[float] = []
+    results["pretrain"] = train(
+        "pretrain (digits 0-4)",
+        pretrained,
+        ff.Optimizer(pretrained, optax.adam(1e-3)),
+        digits(range(0, 5)),
+        steps,
+        pretrain_losses,
     )
 
-
-def train(model, opt, x, y, steps: int, batch: int = 64, seed: int = 0) -> float:
-    rng = np.random.default_rng(seed)
-    loss = float("nan")
-    for _ in range(steps):
-        idx = rng.integers(0, len(y), batch)
-        loss = float(train_step(model, opt, x[idx], y[idx]))
-    return loss
-
-
-def main(steps: int = 200) -> dict[str, float]:
-    results = {}
-    # 1. Pretrain on digits 0-4.
-    x, y, xt, yt = digits(range(0, 5))
-    pretrained = Classifier(nnx.Rngs(0))
-    train(pretrained, ff.Optimizer(pretrained, optax.adam(1e-3)), x, y, steps)
-    results["pretrain"] = float(accuracy(pretrained, xt, yt))
-    print(f"pretrained on digits 0-4: test accuracy {results['pretrain']:.3f}")
-
     # 2. New head for digits 5-9, backbone frozen.
-    x, y, xt, yt = digits(range(5, 10))
+    data = digits(range(5, 10))
     model = Classifier(nnx.Rngs(1), backbone=ff.freeze(pretrained.backbone))
     opt = ff.Optimizer(model, optax.adamw(1e-3, weight_decay=1e-2))
-    print("\nsummary with the backbone frozen:")
+    losses: list[float] = []
+    marks: list[tuple[int, str]] = []
     print(ff.summary(model))
     frozen_kernel = np.asarray(model.backbone.blocks[0].linear.kernel[...])
-    loss = train(model, opt, x, y, steps)
-    results["head"] = float(accuracy(model, xt, yt))
-    print(f"\nhead only: loss {loss:.3f}, test accuracy {results['head']:.3f}")
+    results["head"] = train("head only", model, opt, data, steps, losses)
     if not np.array_equal(frozen_kernel, np.asarray(model.backbone.blocks[0].linear.kernel[...])):
         raise RuntimeError("the frozen backbone moved during fine-tuning")
 
-    # 3. Unfreeze the last block: the optimizer follows, keeping the head's Adam state.
-    ff.unfreeze(model, ff.PathRegex("backbone/blocks/2/.*"))
-    print("\nsummary with the last block unfrozen:")
-    print(ff.summary(model))
-    loss = train(model, opt, x, y, steps, seed=1)
-    results["last_block"] = float(accuracy(model, xt, yt))
-    print(f"\nhead + last block: loss {loss:.3f}, test accuracy {results['last_block']:.3f}")
+    # 3. Unfreeze block by block, top first; checkpoint halfway and go on from it.
+    checkpoint = out / "checkpoint"
+    for block in (2, 1, 0):
+        ff.unfreeze(model, ff.PathRegex(f"backbone/blocks/{block}/.*"))
+        restored = " (restored)" if block == 0 else ""
+        marks.append((len(losses), f"unfreeze block {block}{restored}"))
+        print(ff.summary(model))
+        name = f"head + blocks {block}-2"
+        results[f"block_{block}"] = train(name, model, opt, data, steps, losses)
+        if block == 1:
+            if checkpoint.exists():
+                shutil.rmtree(checkpoint)
+            ff.checkpoint.save(checkpoint, (model, opt))
+            fresh = Classifier(nnx.Rngs(2))  # all trainable: the checkpoint brings the flags
+            fresh_opt = ff.Optimizer(fresh, optax.adamw(1e-3, weight_decay=1e-2))
+            model, opt = ff.checkpoint.restore(checkpoint, (fresh, fresh_opt))
+            frozen_now = {r.path for r in ff.summary(model).rows if r.status == "frozen"}
+            print(f"restored {checkpoint}: {len(frozen_now)} frozen arrays, as saved")
+            results["restored"] = float(accuracy(model, *data[2:]))
+
+    plot(losses, marks, out / "loss.png")
+    print(f"\nwrote {out / 'loss.png'} and the checkpoint {checkpoint}")
     return results
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200, help="training steps per phase")
-    main(parser.parse_args().steps)
+    parser.add_argument("--steps", type=int, default=150, help="training steps per phase")
+    parser.add_argument(
+        "--out", default="out/quickstart", help="where to write the plot and the checkpoint"
+    )
+    args = parser.parse_args()
+    main(args.steps, args.out)

@@ -1,0 +1,1643 @@
+"""Orbax checkpoints that keep the frozen flags.
+
+A checkpoint written by :func:`save` (or by ``ocp.CheckpointManager.save`` with
+:func:`save_args`) is an orbax Composite checkpoint with two items:
+
+* ``state``: a plain nested dict of arrays keyed by the node's path parts as
+  strings (``{"blocks": {"0": {"kernel": ...}}}``). It holds no Variable types
+  and no ``value`` level, so plain orbax reads it.
+* ``flags``: a JSON item (see :class:`Flags`): the ``'/'``-joined paths of the
+  frozen and the trainable parameters, every variable's type, the trainable
+  type and dtype of each frozen parameter where they differ from
+  ``nnx.Param`` and its stored dtype, the implementation of each PRNG key
+  (keys are stored as their key data), each array's shape and dtype and, for
+  each ``ff.Optimizer``, the paths it trains.
+
+:func:`restore` reads the flags and the arrays' metadata first (shapes and
+dtypes, no array data), checks them against the target, re-types the target to
+the saved flags, rebuilds each ``ff.Optimizer``'s state structure for the
+parameters it trained when saved, and only then reads the arrays, each onto its
+target sharding. Nothing is ever unpickled: orbax reads arrays with
+TensorStore, metadata and flags are JSON.
+
+A node is anything NNX can walk: a module, an ``ff.Optimizer``, a pytree
+(tuple, dict, dataclass...) of them, or a pytree of arrays and
+``ff.FrozenParam`` values. Inside NNX modules the state is every Variable and
+array attribute, as ``nnx.state`` sees it; outside them, every array and Python
+number leaf.
+
+Plain orbax, both ways:
+
+* A checkpoint of ``nnx.state(model)`` written by plain Flax/orbax (its paths
+  end in ``.../value``), or of a pure dict, restores into a model that declares
+  ``ff.FrozenParam``: it has no flags item, so the target keeps its flags.
+* A flax_freeze checkpoint restores into a plain Flax model with orbax alone::
+
+      abstract = nnx.eval_shape(lambda: Model(nnx.Rngs(0)))
+      graphdef, state = nnx.split(abstract)
+      pure = ocp.StandardCheckpointer().restore(directory / "state", nnx.to_pure_dict(state))
+      nnx.replace_by_pure_dict(state, pure)
+      model = nnx.merge(graphdef, state)
+
+  PRNG keys come back as their raw key data there (``jax.random.wrap_key_data``
+  makes keys of them again); frozen parameters become whatever the plain model
+  declares.
+
+Linen: Linen variables dicts and ``ffl.TrainState`` are pytrees and are saved
+and restored as such. Their frozen marker is a box, not a Variable: it hooks
+in where this module decides an entry's flag (``_walk``/``_status``) and where
+it re-types the target (``_Plan._retype``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+from flax.nnx import graphlib
+from flax.nnx.spmd import get_var_pspec
+from flax.nnx.training.optimizer import OptArray, OptVariable
+
+from ._filters import Path, path_str
+from ._optimizer import Optimizer
+from ._retype import freeze, is_raw_trainable, replace, unfreeze
+from ._variables import PARAM_TYPE_KEY, TRAINED_DTYPE_KEY, FrozenParam
+
+__all__ = [
+    "FORMAT",
+    "Description",
+    "Flags",
+    "PartialRestoreWarning",
+    "RestoreArgs",
+    "Row",
+    "describe",
+    "read_flags",
+    "restore",
+    "restore_args",
+    "save",
+    "save_args",
+]
+
+T = TypeVar("T")
+Key = tuple[str, ...]
+
+#: The ``format`` entry of a flags item written by this module.
+FORMAT = "flax_freeze.checkpoint"
+VERSION = 1
+STATE = "state"
+FLAGS = "flags"
+STATUSES = ("trainable", "frozen", "state")
+_NEW = ".flax-freeze-new"
+_OLD = ".flax-freeze-old"
+_SHOWN = 8
+
+
+class PartialRestoreWarning(UserWarning):
+    """``restore(..., partial=True)`` left some paths of the target or the checkpoint unused."""
+
+
+# --------------------------------------------------------------------------------------
+# Walking a node
+
+
+def _key(path: Iterable[Any]) -> Key:
+    return tuple(str(k) for k in path)
+
+
+def _join(key: Iterable[str]) -> str:
+    return "/".join(key)
+
+
+def _show(paths: Iterable[str]) -> str:
+    items = sorted(set(paths))
+    shown = ", ".join(items[:_SHOWN])
+    if len(items) > _SHOWN:
+        shown += f", ... ({len(items)} in all)"
+    return f"[{shown}]"
+
+
+def _is_number(x: Any) -> bool:
+    if isinstance(x, bool | int | float):
+        return True
+    return isinstance(x, np.generic) and (
+        np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.bool_)
+    )
+
+
+def _is_module_leaf(x: Any) -> bool:
+    """State inside an NNX module, as ``nnx.state`` sees it: arrays (or their abstract form)."""
+    return isinstance(x, jax.Array | np.ndarray | jax.ShapeDtypeStruct)
+
+
+def _is_tree_leaf(x: Any) -> bool:
+    """State in a plain pytree: arrays and Python or NumPy numbers."""
+    return _is_module_leaf(x) or _is_number(x)
+
+
+@dataclass
+class _Entry:
+    """One saved value: a variable (every path it is reachable by) or a bare leaf."""
+
+    paths: list[Path]
+    value: Any
+    variable: nnx.Variable | None = None
+    in_module: bool = False
+    in_optimizer: bool = False
+
+    @functools.cached_property
+    def path(self) -> Path:
+        """The path it is stored under: the least of its paths (read once walked)."""
+        return min(self.paths, key=_key)
+
+    @functools.cached_property
+    def key(self) -> Key:
+        return _key(self.path)
+
+    def keys(self) -> list[Key]:
+        return sorted({_key(p) for p in self.paths})
+
+
+def _walk(
+    node: Any, prefix: Path = (), in_module: bool = False, in_optimizer: bool = False
+) -> tuple[list[_Entry], list[tuple[Path, Optimizer[Any]]]]:
+    """Walks ``node`` the way NNX does: its saved entries, and its ``ff.Optimizer`` nodes.
+
+    A tied variable is one entry with several paths. Variables holding None
+    are skipped. Linen hook: a frozen Linen box met here would be one entry
+    (its unboxed value) instead of a pytree to walk into.
+    """
+    variables: dict[int, _Entry] = {}
+    leaves: list[_Entry] = []
+    optimizers: dict[int, tuple[Path, Optimizer[Any]]] = {}
+
+    def visit(x: Any, path: Path, ancestors: set[int], in_module: bool, in_opt: bool) -> None:
+        if isinstance(x, nnx.Variable):
+            value = x.get_raw_value()
+            if value is None:
+                return
+            entry = variables.setdefault(id(x), _Entry([], value, x))
+            entry.paths.append(path)
+            entry.in_module = entry.in_module or in_module
+            entry.in_optimizer = entry.in_optimizer or in_opt
+            return
+        impl = graphlib.get_node_impl(x)
+        if impl is None:
+            if _is_module_leaf(x) if in_module else _is_tree_leaf(x):
+                leaves.append(_Entry([path], x, None, in_module, in_opt))
+            return
+        if id(x) in ancestors:  # a cycle through a parent reference
+            return
+        if isinstance(x, Optimizer):
+            optimizers.setdefault(id(x), (path, x))
+            in_opt = True
+        ancestors.add(id(x))
+        child_in_module = in_module or isinstance(x, nnx.Pytree)
+        for key, child in impl.node_dict(x).items():
+            visit(child, (*path, key), ancestors, child_in_module, in_opt)
+        ancestors.discard(id(x))
+
+    visit(node, prefix, set(), in_module, in_optimizer)
+    return [*variables.values(), *leaves], list(optimizers.values())
+
+
+def _status(entry: _Entry) -> str:
+    """The flag an entry is saved with: ``trainable``, ``frozen`` or ``state``.
+
+    The one place that decides it. Linen hook: a frozen Linen box is ``frozen``.
+    """
+    x = entry.variable
+    if isinstance(x, nnx.Param):
+        return "trainable"
+    if isinstance(x, FrozenParam):
+        return "frozen"
+    if x is not None:
+        return "state"
+    return "trainable" if is_raw_trainable(entry.value) else "state"
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _param_class(name: str | None) -> type | None:
+    """The ``nnx.Param`` subclass (or ``nnx.Param``) of that qualified name, if loaded."""
+    todo: list[type] = [nnx.Param]
+    while todo:
+        cls = todo.pop()
+        if _qualname(cls) == name:
+            return cls
+        todo.extend(cls.__subclasses__())
+    return None
+
+
+def _is_key(dtype: Any) -> bool:
+    return jnp.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _shape_dtype(value: Any) -> tuple[tuple[int, ...], Any]:
+    if isinstance(value, jax.Array | np.ndarray | jax.ShapeDtypeStruct):
+        return tuple(value.shape), value.dtype
+    array = np.asarray(value)
+    return tuple(array.shape), array.dtype
+
+
+def _key_impl(value: Any) -> str:
+    """The implementation name of a PRNG key array, concrete or abstract."""
+    if isinstance(value, jax.Array):
+        return str(jax.random.key_impl(value))
+    names: list[str] = []
+
+    def probe(key: jax.Array) -> jax.Array:
+        names.append(str(jax.random.key_impl(key)))
+        return key
+
+    jax.eval_shape(probe, value)
+    return names[0]
+
+
+def _key_data_shape(value: Any) -> tuple[tuple[int, ...], np.dtype[Any]]:
+    shape, dtype = _shape_dtype(value)
+    data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(shape, dtype))
+    return tuple(data.shape), np.dtype(data.dtype)
+
+
+def _describe(shape: tuple[int, ...], dtype: str) -> str:
+    return f"{shape} {dtype}"
+
+
+# --------------------------------------------------------------------------------------
+# The flags item
+
+
+@dataclass(frozen=True)
+class Flags:
+    """What a checkpoint's ``flags`` item records. Paths are ``'/'``-joined.
+
+    Attributes:
+        frozen: paths of the frozen parameters.
+        trainable: paths of the trainable parameters (and trainable pytree leaves).
+        types: for each saved variable, the module-qualified name of its type.
+        param_types: for each frozen parameter whose trainable type is not
+            ``nnx.Param``, that type's qualified name (e.g. ``nnx.LoRAParam``).
+        keys: for each saved PRNG key array, its implementation
+            (``"threefry2x32"``); the key data is what is stored.
+        optimizers: for each ``ff.Optimizer`` (by its path in the saved node,
+            ``""`` for the node itself), the parameter paths it trained.
+        arrays: for each stored array, its shape and dtype name, so that a
+            restore checks them without opening any array.
+        trained_dtypes: for each parameter frozen in a lower precision
+            (``ff.freeze(..., dtype=...)``), the dtype it was trained in.
+    """
+
+    frozen: frozenset[str] = frozenset()
+    trainable: frozenset[str] = frozenset()
+    types: Mapping[str, str] = field(default_factory=dict)
+    param_types: Mapping[str, str] = field(default_factory=dict)
+    keys: Mapping[str, str] = field(default_factory=dict)
+    optimizers: Mapping[str, tuple[Path, ...]] = field(default_factory=dict)
+    arrays: Mapping[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)
+    trained_dtypes: Mapping[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON item, as stored."""
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "frozen": sorted(self.frozen),
+            "trainable": sorted(self.trainable),
+            "types": dict(sorted(self.types.items())),
+            "param_types": dict(sorted(self.param_types.items())),
+            "keys": dict(sorted(self.keys.items())),
+            "optimizers": {
+                name: [list(path) for path in paths] for name, paths in self.optimizers.items()
+            },
+            "arrays": {
+                name: {"shape": list(shape), "dtype": dtype}
+                for name, (shape, dtype) in sorted(self.arrays.items())
+            },
+            "trained_dtypes": dict(sorted(self.trained_dtypes.items())),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, where: str, stored: Iterable[str] | None) -> Flags:
+        """Validates a flags item read from ``where`` against the stored paths.
+
+        With ``stored`` None, the paths of its ``arrays`` entry are the stored ones.
+        """
+
+        def bad(problem: str) -> ValueError:
+            return ValueError(
+                f"The flags item of checkpoint {where!r} {problem}. It was not written "
+                "by ff.checkpoint.save, or was edited or damaged; restore its arrays "
+                "with plain orbax (ocp.StandardCheckpointer) if you need them."
+            )
+
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise bad(f"is not a flax_freeze flags item (format {_get(data, 'format')!r})")
+        version = data.get("version")
+        if not isinstance(version, int) or version > VERSION or version < 1:
+            raise bad(f"has version {version!r}; this flax_freeze reads version {VERSION}")
+
+        def strings(name: str) -> list[str]:
+            value = data.get(name, [])
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise bad(f"has a malformed {name!r} entry: {value!r:.200}")
+            return value
+
+        def mapping(name: str) -> dict[str, str]:
+            value = data.get(name, {})
+            if not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+            ):
+                raise bad(f"has a malformed {name!r} entry: {value!r:.200}")
+            return value
+
+        optimizers: dict[str, tuple[Path, ...]] = {}
+        raw = data.get("optimizers", {})
+        if not isinstance(raw, dict):
+            raise bad(f"has a malformed 'optimizers' entry: {raw!r:.200}")
+        for name, paths in raw.items():
+            ok = isinstance(paths, list) and all(
+                isinstance(p, list)
+                and all(isinstance(k, str | int) and not isinstance(k, bool) for k in p)
+                for p in paths
+            )
+            if not ok:
+                raise bad(f"has a malformed 'optimizers' entry for {name!r}: {paths!r:.200}")
+            optimizers[name] = tuple(sorted((tuple(p) for p in paths), key=path_str))
+        arrays: dict[str, tuple[tuple[int, ...], str]] = {}
+        raw = data.get("arrays", {})
+        if not isinstance(raw, dict):
+            raise bad(f"has a malformed 'arrays' entry: {raw!r:.200}")
+        for name, spec in raw.items():
+            shape = spec.get("shape") if isinstance(spec, dict) else None
+            dtype = spec.get("dtype") if isinstance(spec, dict) else None
+            if (
+                not isinstance(shape, list)
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+                or not isinstance(dtype, str)
+                or not _is_dtype(dtype)
+            ):
+                raise bad(f"has a malformed 'arrays' entry for {name!r}: {spec!r:.200}")
+            arrays[name] = (tuple(shape), dtype)
+        flags = cls(
+            frozenset(strings("frozen")),
+            frozenset(strings("trainable")),
+            mapping("types"),
+            mapping("param_types"),
+            mapping("keys"),
+            optimizers,
+            arrays,
+            mapping("trained_dtypes"),
+        )
+        bad_dtypes = {k: v for k, v in flags.trained_dtypes.items() if not _is_dtype(v)}
+        if bad_dtypes:
+            raise bad(f"has a malformed 'trained_dtypes' entry: {bad_dtypes!r:.200}")
+        stored = set(arrays) if stored is None else set(stored)
+        named = flags.frozen | flags.trainable | set(flags.types) | set(flags.keys)
+        unknown = named - stored
+        if unknown:
+            raise bad(f"names paths that are not in its state item: {_show(unknown)}")
+        for name, entry in (("types", flags.param_types), ("dtypes", flags.trained_dtypes)):
+            extra = set(entry) - flags.frozen
+            if extra:
+                raise bad(f"gives trainable {name} for paths that are not frozen: {_show(extra)}")
+        if flags.frozen & flags.trainable:
+            raise bad(
+                f"lists paths as both frozen and trainable: {_show(flags.frozen & flags.trainable)}"
+            )
+        return flags
+
+
+def _is_dtype(name: str) -> bool:
+    try:
+        np.dtype(name)
+    except TypeError:
+        return False
+    return True
+
+
+def _get(data: Any, name: str) -> Any:
+    return data.get(name) if isinstance(data, dict) else type(data).__name__
+
+
+# --------------------------------------------------------------------------------------
+# Building what is saved
+
+
+def _saved_value(entry: _Entry) -> Any:
+    value = entry.value
+    if isinstance(value, jax.Array) and _is_key(value.dtype):
+        return jax.random.key_data(value)
+    if _is_number(value):
+        return np.asarray(value)
+    return value
+
+
+def _build(node: Any) -> tuple[dict[str, Any], Flags]:
+    """The ``state`` dict and the flags of ``node``."""
+    entries, optimizers = _walk(node)
+    if not entries:
+        raise ValueError(
+            f"`node` holds no arrays to save: got {type(node).__name__} {node!r:.200}. "
+            "Pass a module, an optimizer, or a pytree of them or of arrays."
+        )
+    if any(not e.key for e in entries):
+        raise ValueError(
+            f"`node` is a single {type(node).__name__}, with no path to store it under. "
+            "Save a container of it, e.g. {'x': node}."
+        )
+    abstract = [e for e in entries if isinstance(e.value, jax.ShapeDtypeStruct)]
+    if abstract:
+        raise ValueError(
+            f"`node` is abstract (ShapeDtypeStruct values) at "
+            f"{_show(_join(e.key) for e in abstract)}: save needs real arrays. Restore or "
+            "build the node before saving it."
+        )
+    odd = [e for e in entries if not _is_tree_leaf(e.value)]
+    if odd:
+        kinds = sorted({type(e.value).__name__ for e in odd})
+        raise TypeError(
+            f"`node` holds variables whose values are not arrays ({', '.join(kinds)}) at "
+            f"{_show(_join(e.key) for e in odd)}. Only arrays and numbers can be saved: "
+            "hold other values in static attributes."
+        )
+    slashed = [e for e in entries if any("/" in k for k in e.key)]
+    if slashed:
+        raise ValueError(
+            f"`node` has keys containing '/' at {_show(repr(e.key) for e in slashed)}: "
+            "checkpoint paths are '/'-joined, so such keys would be ambiguous. Rename them."
+        )
+    state: dict[str, Any] = {}
+    seen: dict[str, Key] = {}
+    for entry in entries:
+        key = entry.key
+        dotted = ".".join(key)  # orbax names stored arrays by their '.'-joined path
+        if dotted in seen:
+            raise ValueError(
+                f"`node` has two entries stored under the same name {dotted!r}: "
+                f"{seen[dotted]!r} and {key!r} (keys are stringified and '.'-joined by orbax). "
+                "Rename one of them."
+            )
+        seen[dotted] = key
+        _insert(state, key, _saved_value(entry))
+    frozen = {_join(e.key) for e in entries if _status(e) == "frozen"}
+    trainable = {_join(e.key) for e in entries if _status(e) == "trainable"}
+    types = {_join(e.key): _qualname(type(e.variable)) for e in entries if e.variable is not None}
+    param_types: dict[str, str] = {}
+    for e in entries:
+        original = e.variable.get_metadata().get(PARAM_TYPE_KEY) if e.variable is not None else None
+        if isinstance(e.variable, FrozenParam) and original not in (None, nnx.Param):
+            param_types[_join(e.key)] = _qualname(original)
+    trained_dtypes: dict[str, str] = {}
+    for e in entries:
+        trained_dtype = (
+            e.variable.get_metadata().get(TRAINED_DTYPE_KEY) if e.variable is not None else None
+        )
+        if isinstance(e.variable, FrozenParam) and trained_dtype is not None:
+            trained_dtypes[_join(e.key)] = np.dtype(trained_dtype).name
+    keys = {
+        _join(e.key): _key_impl(e.value)
+        for e in entries
+        if isinstance(e.value, jax.Array) and _is_key(e.value.dtype)
+    }
+    trained = {
+        path_str(path): tuple(
+            tuple(k if isinstance(k, str | int) else str(k) for k in p) for p in opt.trained_paths
+        )
+        for path, opt in optimizers
+    }
+    arrays = {}
+    for entry in entries:
+        shape, dtype = _shape_dtype(_saved_value(entry))
+        arrays[_join(entry.key)] = (shape, np.dtype(dtype).name)
+    flags = Flags(
+        frozenset(frozen),
+        frozenset(trainable),
+        types,
+        param_types,
+        keys,
+        trained,
+        arrays,
+        trained_dtypes,
+    )
+    return state, flags
+
+
+def _insert(tree: dict[str, Any], key: Key, value: Any) -> None:
+    """Puts ``value`` in a nested dict at ``key`` (keys are unique: ``_build`` checks)."""
+    for part in key[:-1]:
+        tree = tree.setdefault(part, {})
+    tree[key[-1]] = value
+
+
+def save_args(node: Any) -> ocp.args.Composite:
+    """The ``args`` for ``ocp.CheckpointManager.save`` that store ``node`` with its flags.
+
+    Keep-N-latest, step numbering, best-metric retention and async saving work
+    as usual: the manager sees an ordinary Composite of a PyTree item
+    (``state``) and a JSON item (``flags``). Restore with :func:`restore_args`,
+    or with :func:`restore` on a step's directory.
+
+    Args:
+        node: what to save, as for :func:`save`.
+
+    Returns:
+        ``ocp.args.Composite(state=ocp.args.PyTreeSave(...), flags=ocp.args.JsonSave(...))``.
+
+    Raises:
+        ValueError: if ``node`` holds no arrays, is abstract, or has keys that
+            collide once stringified.
+        TypeError: if a variable of ``node`` holds something other than an array.
+
+    Example:
+        >>> import tempfile
+        >>> import optax, orbax.checkpoint as ocp
+        >>> from flax import nnx
+        >>> import flax_freeze as ff
+        >>> model = ff.freeze(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), ff.PathRegex("kernel"))
+        >>> opt = ff.Optimizer(model, optax.adam(1e-3))
+        >>> directory = tempfile.mkdtemp()
+        >>> with ocp.CheckpointManager(directory) as mngr:
+        ...     _ = mngr.save(0, args=ff.checkpoint.save_args((model, opt)))
+        ...     mngr.wait_until_finished()
+        ...     args = ff.checkpoint.restore_args(mngr, (model, opt))
+        ...     model, opt = args.finish(mngr.restore(args.step, args=args))
+        >>> type(model.kernel).__name__, args.step
+        ('FrozenParam', 0)
+    """
+    state, flags = _build(node)
+    return ocp.args.Composite(
+        **{STATE: ocp.args.PyTreeSave(state), FLAGS: ocp.args.JsonSave(flags.to_json())}
+    )
+
+
+def _sibling(path: epath.Path, suffix: str) -> epath.Path:
+    return path.parent / f"{path.name}{suffix}"
+
+
+def save(directory: str | epath.PathLike, node: Any, *, force: bool = False) -> None:
+    """Saves ``node``'s arrays by path, and its frozen flags, as an orbax checkpoint.
+
+    ``node`` may be a module, an ``ff.Optimizer`` (its state, step count and
+    trained paths), a pytree of them (``save(dir, (model, opt))`` keeps both),
+    or a pytree of arrays and ``ff.FrozenParam`` values. Arrays are stored by
+    path whatever their variable type; the flags go in a JSON item beside them
+    (see the module docstring). Restore with :func:`restore`.
+
+    The write is atomic: orbax writes a temporary directory and renames it.
+    With ``force=True`` an existing checkpoint is replaced only once the new
+    one is complete: a process killed during the save leaves the old one
+    intact at ``directory``.
+
+    Args:
+        directory: the checkpoint directory to create (its parent is created
+            if needed).
+        node: what to save: concrete arrays, not an abstract node.
+        force: replace ``directory`` if it exists.
+
+    Raises:
+        ValueError: if ``directory`` exists and ``force`` is False; if ``node``
+            holds no arrays, is abstract, or has keys that collide once
+            stringified.
+        TypeError: if a variable of ``node`` holds something other than an array.
+
+    Example:
+        >>> import os, tempfile
+        >>> from flax import nnx
+        >>> import flax_freeze as ff
+        >>> model = ff.freeze(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), ff.PathRegex("kernel"))
+        >>> directory = os.path.join(tempfile.mkdtemp(), "ckpt")
+        >>> ff.checkpoint.save(directory, model)
+        >>> sorted(ff.checkpoint.read_flags(directory).frozen)
+        ['kernel']
+    """
+    path = epath.Path(directory)
+    args = save_args(node)
+    if path.exists():
+        if not force:
+            raise ValueError(
+                f"`directory` {str(path)!r} already exists. Pass force=True to replace it "
+                "(the old checkpoint stays until the new one is complete), or choose a new "
+                "directory."
+            )
+        if not path.is_dir():
+            raise ValueError(
+                f"`directory` {str(path)!r} is a file, not a checkpoint; remove it or "
+                "choose another directory."
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new, old = _sibling(path, _NEW), _sibling(path, _OLD)
+    for stale in [new, *path.parent.glob(f"{new.name}{ocp.step.TMP_DIR_SUFFIX}*")]:
+        if stale.exists():
+            stale.rmtree()
+    if path.exists() and old.exists():
+        old.rmtree()  # left by an interrupted earlier save; `path` is the checkpoint
+    target = new if path.exists() else path
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        checkpointer.save(target, args)
+    if target == new:
+        path.rename(old)
+        new.rename(path)
+    if old.exists():
+        old.rmtree()
+
+
+# --------------------------------------------------------------------------------------
+# Finding and reading a checkpoint
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a checkpoint keeps its arrays and flags."""
+
+    root: epath.Path
+    item: str | None  # the Composite item of the arrays; None: ``root`` is a PyTree checkpoint
+    has_flags: bool
+
+    @property
+    def state_dir(self) -> epath.Path:
+        return self.root / self.item if self.item else self.root
+
+
+def _locate(directory: str | epath.PathLike, argname: str = "directory") -> _Layout:
+    path = epath.Path(directory)
+    if not path.exists():
+        old = _sibling(path, _OLD)
+        hint = (
+            f" A save with force=True was interrupted between two renames: the previous "
+            f"checkpoint is complete at {str(old)!r}; rename it to {path.name!r}."
+            if old.exists()
+            else ""
+        )
+        raise FileNotFoundError(f"`{argname}` {str(path)!r} does not exist.{hint}")
+    if not path.is_dir():
+        raise ValueError(f"`{argname}` {str(path)!r} is a file, not a checkpoint directory.")
+    if ocp.step.TMP_DIR_SUFFIX in path.name or path.name.endswith(_NEW):
+        raise ValueError(
+            f"`{argname}` {str(path)!r} is an unfinished checkpoint: its save did not "
+            "complete. Restore the previous checkpoint instead."
+        )
+    if (path / "_METADATA").exists():
+        return _Layout(path, None, False)
+    for item in (STATE, "default"):
+        if (path / item / "_METADATA").exists():
+            return _Layout(path, item, item == STATE and (path / FLAGS).exists())
+    steps = sorted(ocp.step.checkpoint_steps(path))
+    hint = (
+        f" It is a CheckpointManager directory with steps {steps[-5:]}: pass one step's "
+        f"directory, or use ff.checkpoint.restore_args with the manager."
+        if steps
+        else ""
+    )
+    raise ValueError(
+        f"`{argname}` {str(path)!r} is not an orbax checkpoint: it has neither a "
+        f"{STATE!r} item (as ff.checkpoint.save writes) nor an orbax _METADATA file "
+        f"(as ocp.StandardCheckpointer writes).{hint}"
+    )
+
+
+def _flatten(tree: Any, prefix: Key = ()) -> dict[Key, Any]:
+    if isinstance(tree, Mapping):
+        out: dict[Key, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, (*prefix, str(k))))
+        return out
+    if isinstance(tree, list | tuple):
+        out = {}
+        for i, v in enumerate(tree):
+            out.update(_flatten(v, (*prefix, str(i))))
+        return out
+    return {prefix: tree}
+
+
+@dataclass(frozen=True)
+class _Stored:
+    shape: tuple[int, ...] | None  # None: not an array
+    dtype: np.dtype[Any] | None
+
+
+def _orbax_metadata(layout: _Layout) -> dict[Key, _Stored]:
+    """Shapes and dtypes of the stored arrays from orbax's metadata (opens each array)."""
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        tree = handler.metadata(layout.state_dir).tree
+    except Exception as err:  # any failure here means a damaged checkpoint
+        raise ValueError(
+            f"Cannot read the array metadata of checkpoint {str(layout.state_dir)!r}: "
+            f"{type(err).__name__}: {err}. The checkpoint is damaged or incomplete."
+        ) from err
+    finally:
+        handler.close()
+    stored = {}
+    for key, meta in _flatten(tree).items():
+        shape, dtype = getattr(meta, "shape", None), getattr(meta, "dtype", None)
+        if shape is None or dtype is None:
+            stored[key] = _Stored(None, None)
+        else:
+            stored[key] = _Stored(tuple(shape), np.dtype(dtype))
+    return stored
+
+
+def _stored_paths(layout: _Layout) -> set[str] | None:
+    """The stored paths, from the state item's ``_METADATA`` file; None if unreadable."""
+    try:
+        tree = json.loads((layout.state_dir / "_METADATA").read_text())["tree_metadata"]
+        return {_join(str(k["key"]) for k in leaf["key_metadata"]) for leaf in tree.values()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _read_flags_json(layout: _Layout) -> Any:
+    where = str(layout.root)
+    handler = ocp.JsonCheckpointHandler()
+    try:
+        return handler.restore(layout.root / FLAGS)
+    except FileNotFoundError as err:
+        raise ValueError(
+            f"The flags item of checkpoint {where!r} has no JSON file ({err}). The checkpoint "
+            "is damaged; restore its arrays with plain orbax if you need them."
+        ) from err
+    except ValueError as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(
+            f"The flags item of checkpoint {where!r} is not valid JSON: {err}. The checkpoint "
+            "is damaged; restore its arrays with plain orbax if you need them."
+        ) from err
+    finally:
+        handler.close()
+
+
+def _read(layout: _Layout) -> tuple[dict[Key, _Stored], Flags | None]:
+    """The stored arrays' shapes and dtypes, and the flags: metadata only, no array data.
+
+    A flax_freeze checkpoint records shapes and dtypes in its flags item, checked
+    against the paths in orbax's ``_METADATA`` file; any other checkpoint is
+    described by orbax's metadata, which opens each array's header.
+    """
+    where = str(layout.root)
+    data = _read_flags_json(layout) if layout.has_flags else None
+    arrays = data.get("arrays") if isinstance(data, dict) else None
+    paths = _stored_paths(layout) if arrays else None
+    if data is None or paths is None:
+        stored = _orbax_metadata(layout)
+        flags = None if data is None else Flags.from_json(data, where, map(_join, stored))
+        return stored, flags
+    flags = Flags.from_json(data, where, None)
+    if set(flags.arrays) != paths:
+        missing, extra = set(flags.arrays) - paths, paths - set(flags.arrays)
+        raise ValueError(
+            f"The flags item of checkpoint {where!r} does not list the arrays its state item "
+            f"holds: listed but not stored {_show(missing)}, stored but not listed "
+            f"{_show(extra)}. The checkpoint was edited or damaged; restore its arrays with "
+            "plain orbax if you need them."
+        )
+    stored = {
+        tuple(name.split("/")): _Stored(shape, np.dtype(dtype))
+        for name, (shape, dtype) in flags.arrays.items()
+    }
+    return stored, flags
+
+
+def read_flags(directory: str | epath.PathLike) -> Flags | None:
+    """Reads a checkpoint's flags item (JSON only: no array is read).
+
+    Args:
+        directory: a checkpoint directory, as :func:`save` writes.
+
+    Returns:
+        The :class:`Flags`, or None for a checkpoint without a flags item
+        (one written by plain orbax).
+
+    Raises:
+        FileNotFoundError: if ``directory`` does not exist.
+        ValueError: if ``directory`` is not a checkpoint, or its flags item is
+            not valid JSON or names paths that are not stored.
+
+    Example:
+        >>> import os, tempfile
+        >>> import jax.numpy as jnp
+        >>> import flax_freeze as ff
+        >>> directory = os.path.join(tempfile.mkdtemp(), "ckpt")
+        >>> ff.checkpoint.save(directory, {"w": jnp.ones(2), "b": ff.FrozenParam(jnp.zeros(2))})
+        >>> flags = ff.checkpoint.read_flags(directory)
+        >>> sorted(flags.frozen), sorted(flags.trainable)
+        (['b'], ['w'])
+    """
+    return _read(_locate(directory))[1]
+
+
+# --------------------------------------------------------------------------------------
+# Shardings
+
+
+def _default_sharding() -> jax.sharding.Sharding:
+    """Where a fresh array would go: replicated on the mesh in context, else the default device."""
+    mesh = jax.sharding.get_mesh()
+    if not mesh.empty:
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def _concrete_mesh(mesh: Any, where: str) -> jax.sharding.Mesh:
+    if isinstance(mesh, jax.sharding.Mesh):
+        return mesh
+    context = jax.sharding.get_mesh()
+    if not context.empty and context.abstract_mesh == mesh:
+        return context
+    try:
+        return jax.make_mesh(mesh.axis_sizes, mesh.axis_names, axis_types=mesh.axis_types)
+    except ValueError as err:
+        raise ValueError(
+            f"`target` places {where} on the abstract mesh {mesh}, and no device mesh of "
+            f"that shape can be made here ({err}). Restore inside `with jax.set_mesh(mesh):`."
+        ) from err
+
+
+def _sharding(entry: _Entry) -> jax.sharding.Sharding | None:
+    """The sharding to restore an entry onto; None restores a NumPy array."""
+    value = entry.value
+    if isinstance(value, jax.Array):
+        return value.sharding
+    if not isinstance(value, jax.ShapeDtypeStruct):
+        return None
+    where = repr(_join(entry.key))
+    sharding = value.sharding
+    variable = entry.variable
+    if sharding is None and variable is not None and variable.get_metadata().get("out_sharding"):
+        # nnx.eval_shape drops shardings on meshes with Auto axes: rebuild from metadata.
+        mesh = variable.get_metadata().get("mesh")
+        if mesh is None:
+            mesh = jax.sharding.get_mesh()
+            if mesh.empty:
+                mesh = jax.sharding.get_abstract_mesh()
+            if mesh.empty:
+                raise ValueError(
+                    f"`target` variable {where} is sharded by its metadata "
+                    f"(out_sharding={variable.get_metadata()['out_sharding']!r}) but names no "
+                    "mesh, and none is in context. Restore inside `with jax.set_mesh(mesh):`."
+                )
+        spec = get_var_pspec(variable) or jax.sharding.PartitionSpec()
+        return jax.sharding.NamedSharding(_concrete_mesh(mesh, where), spec)
+    if sharding is None:
+        return _default_sharding()
+    if isinstance(sharding, jax.sharding.NamedSharding) and not isinstance(
+        sharding.mesh, jax.sharding.Mesh
+    ):
+        mesh = _concrete_mesh(sharding.mesh, where)
+        return jax.sharding.NamedSharding(mesh, sharding.spec, memory_kind=sharding.memory_kind)
+    return sharding
+
+
+# --------------------------------------------------------------------------------------
+# Restoring
+
+
+def _find_param(entries: list[_Entry], trained: Path) -> _Entry | None:
+    """The variable outside optimizers whose path ends with ``trained`` (shortest path first)."""
+    want, n = _key(trained), len(trained)
+    best: tuple[tuple[int, Key], _Entry] | None = None
+    for entry in entries:
+        if entry.in_optimizer or entry.variable is None:
+            continue
+        for path in entry.paths:
+            if len(path) >= n and _key(path[len(path) - n :]) == want:
+                rank = (len(path), _key(path))
+                if best is None or rank < best[0]:
+                    best = (rank, entry)
+    return best[1] if best else None
+
+
+def _rebuild_opt_state(
+    opt: Optimizer[Any], trained: tuple[Path, ...], entries: list[_Entry], where: str
+) -> Any:
+    """Abstract optimizer state for the parameters ``trained``, each leaf with its sharding."""
+    params: list[tuple[Path, nnx.Variable]] = []
+    placed: dict[Key, tuple[tuple[int, ...], jax.sharding.Sharding | None]] = {}
+    missing = []
+    for path in trained:
+        entry = _find_param(entries, path)
+        if entry is None:
+            missing.append(path_str(path))
+            continue
+        shape, dtype = _shape_dtype(entry.value)
+        sharding = _sharding(entry)
+        metadata = entry.variable.get_metadata() if entry.variable is not None else {}
+        metadata.pop(PARAM_TYPE_KEY, None)
+        dtype = metadata.pop(TRAINED_DTYPE_KEY, dtype)  # trained at the dtype it was trained in
+        abstract = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+        params.append((path, nnx.Param.from_metadata(abstract, metadata)))
+        placed[_key(path)] = (shape, sharding)
+    if missing:
+        which = f"at {where!r}" if where else "(the target itself)"
+        raise ValueError(
+            f"The optimizer {which} was saved training {_show(path_str(p) for p in trained)}, "
+            f"but `target` trains other parameters and holds no {_show(missing)} to rebuild its "
+            "state from. Restore the optimizer together with its model: "
+            "restore(directory, (model, optimizer))."
+        )
+    state = jax.eval_shape(opt.tx.init, nnx.from_flat_state(params))
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    old = {
+        kp: leaf
+        for kp, leaf in jax.tree_util.tree_flatten_with_path(
+            nnx.as_pure(opt.opt_state), is_leaf=lambda x: x is None
+        )[0]
+    }
+
+    def leaf_sharding(key_path: Any, shape: tuple[int, ...]) -> jax.sharding.Sharding:
+        key = _key(graphlib.jax_to_nnx_path(key_path))
+        for param, (param_shape, sharding) in placed.items():
+            if key[len(key) - len(param) :] == param and param_shape == shape and sharding:
+                return sharding
+        previous = old.get(key_path)
+        if isinstance(previous, jax.Array) and previous.shape == shape:
+            return previous.sharding
+        return _default_sharding()
+
+    def convert(key_path: Any, x: Any) -> Any:
+        value = x.get_raw_value() if isinstance(x, nnx.Variable) else x
+        abstract = jax.ShapeDtypeStruct(
+            value.shape, value.dtype, sharding=leaf_sharding(key_path, tuple(value.shape))
+        )
+        if isinstance(x, nnx.Variable):  # as flax's to_opt_state does, without re-sharding
+            metadata = x.get_metadata()
+            if "optimizer_sharding" in metadata:
+                metadata["out_sharding"] = metadata.pop("optimizer_sharding")
+            return OptVariable.from_metadata(abstract, metadata)
+        return OptArray(abstract)
+
+    return jax.tree_util.tree_map_with_path(convert, state, is_leaf=is_var)
+
+
+@dataclass
+class _Plan:
+    """What restoring a checkpoint into a target does, worked out before anything changes."""
+
+    layout: _Layout
+    flags: Flags | None
+    chosen: dict[Key, Key]  # entry key -> stored key
+    stored: dict[Key, _Stored]
+    shardings: dict[Key, jax.sharding.Sharding | None]  # by stored key
+    impls: dict[Key, str]  # PRNG key implementation by stored key
+    dtypes: dict[Key, np.dtype[Any]]  # the dtype to read each stored array as
+    to_freeze: set[int] = field(default_factory=set)
+    to_freeze_leaves: set[Key] = field(default_factory=set)
+    to_unfreeze: set[int] = field(default_factory=set)
+    param_types: dict[int, type] = field(default_factory=dict)
+    trained_dtypes: dict[Key, np.dtype[Any] | None] = field(default_factory=dict)  # by entry key
+    optimizers: list[tuple[Optimizer[Any], Any, tuple[Path, ...]]] = field(default_factory=list)
+
+    def state_args(self) -> ocp.args.PyTreeRestore:
+        """The orbax ``PyTreeRestore`` args that read exactly the chosen arrays."""
+        item: dict[str, Any] = {}
+        restore_args: dict[str, Any] = {}
+        for key in set(self.chosen.values()):
+            stored = self.stored[key]
+            assert stored.shape is not None
+            assert stored.dtype is not None
+            sharding, dtype = self.shardings[key], self.dtypes[key]
+            _insert(item, key, jax.ShapeDtypeStruct(stored.shape, dtype))
+            if sharding is None:
+                arg = ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)
+            else:
+                arg = ocp.ArrayRestoreArgs(
+                    sharding=sharding, global_shape=stored.shape, dtype=dtype
+                )
+            _insert(restore_args, key, arg)
+        return ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True)
+
+    def _retype(self, target: Any) -> Any:
+        """Re-types the target to the saved flags. Linen hook: boxes are re-typed here."""
+        if self.param_types:
+            variables = {id(e.variable): e.variable for e in _walk(target)[0]}
+            for variable_id, cls in self.param_types.items():
+                variable = variables.get(variable_id)
+                if variable is not None:
+                    variable.set_metadata(PARAM_TYPE_KEY, cls)
+        node = target
+        if self.to_unfreeze:
+            ids = self.to_unfreeze
+            for entry in _walk(node)[0]:  # the value held frozen in a lower precision
+                variable = entry.variable
+                if id(variable) in ids and variable is not None:
+                    trained_dtype = variable.get_metadata().get(TRAINED_DTYPE_KEY)
+                    if trained_dtype is not None:
+                        variable.del_metadata(TRAINED_DTYPE_KEY)
+                        shape, _ = _shape_dtype(entry.value)
+                        variable.set_raw_value(jax.ShapeDtypeStruct(shape, trained_dtype))
+            node = unfreeze(node, lambda _p, v: id(v) in ids, missing_ok=True)
+        if self.to_freeze or self.to_freeze_leaves:
+            ids, leaves = self.to_freeze, self.to_freeze_leaves
+            node = freeze(
+                node,
+                lambda p, v: id(v) in ids or _key(p) in leaves,
+                missing_ok=True,
+            )
+        return node
+
+    def finish(self, target: T, restored: Mapping[str, Any]) -> T:
+        """Re-types ``target``, rebuilds optimizer states, and fills in the restored arrays."""
+        arrays = _flatten(restored)
+        node = self._retype(target)
+        for opt, state, trained in self.optimizers:
+            opt.opt_state = nnx.data(state)
+            opt.trained_paths = trained
+        entries, _ = _walk(node)
+        new_variables: dict[int, Any] = {}
+        new_leaves: dict[Path, Any] = {}
+        for entry in entries:
+            stored_key = self.chosen.get(entry.key)
+            if stored_key is None or stored_key not in arrays:
+                continue
+            value = _from_stored(entry.value, arrays[stored_key], self.impls.get(stored_key))
+            variable = entry.variable
+            if variable is None:
+                for path in entry.paths:
+                    new_leaves[path] = value
+                continue
+            metadata = variable.get_metadata()
+            adjust = isinstance(variable, FrozenParam) and entry.key in self.trained_dtypes
+            if adjust:  # the precision it was trained in, as saved
+                trained_dtype = self.trained_dtypes[entry.key]
+                metadata.pop(TRAINED_DTYPE_KEY, None)
+                if trained_dtype is not None:
+                    metadata[TRAINED_DTYPE_KEY] = trained_dtype
+            if not entry.in_module:
+                new_variables[id(variable)] = type(variable).from_metadata(value, metadata)
+                continue
+            if adjust:
+                variable.set_metadata(metadata)
+            variable.set_raw_value(value)
+        if new_variables or new_leaves:
+            node = replace(node, new_variables, new_leaves)
+        return node  # type: ignore[return-value]
+
+
+def _from_stored(target_value: Any, data: Any, impl: str | None) -> Any:
+    shape, dtype = _shape_dtype(target_value)
+    if _is_key(dtype) and not _is_key(data.dtype):  # orbax gives keys it saved itself as keys
+        return jax.random.wrap_key_data(data, impl=impl or _key_impl(target_value))
+    if isinstance(target_value, bool | int | float):
+        return type(target_value)(np.asarray(data).item())
+    if isinstance(target_value, np.generic):
+        return np.asarray(data)[()]
+    return data
+
+
+def _plan(layout: _Layout, target: Any, flags: str, partial: bool) -> _Plan:
+    """Works out a restore: reads flags and metadata, checks them, plans the re-typing."""
+    if flags not in ("checkpoint", "target"):
+        raise ValueError(
+            f"`flags` must be 'checkpoint' (re-type the target to the saved flags) or "
+            f"'target' (keep the target's), got {flags!r}."
+        )
+    stored, saved = _read(layout)
+    where = str(layout.root)
+    entries, optimizers = _walk(target)
+    entries = [e for e in entries if _is_tree_leaf(e.value)]
+    if not entries:
+        raise ValueError(
+            f"`target` holds no arrays to restore into: got {type(target).__name__} "
+            f"{target!r:.200}. Pass a module, an optimizer, or a pytree of them or of arrays "
+            "(concrete, or abstract from nnx.eval_shape)."
+        )
+    # Optimizers are given the state structure they had when saved.
+    rebuilt: list[tuple[Optimizer[Any], Any, tuple[Path, ...]]] = []
+    for opt_path, opt in optimizers:
+        trained = saved.optimizers.get(path_str(opt_path)) if saved else None
+        if trained is None or set(trained) == set(opt.trained_paths):
+            continue
+        state = _rebuild_opt_state(opt, trained, entries, path_str(opt_path))
+        prefix = (*opt_path, "opt_state")
+        n = len(prefix)
+        entries = [e for e in entries if not any(p[:n] == prefix for p in e.paths)]
+        entries += _walk(state, prefix, in_module=True, in_optimizer=True)[0]
+        rebuilt.append((opt, state, trained))
+    # Match every target entry with a stored array: by any of its paths, or
+    # that path plus "value" (plain orbax checkpoints of nnx.state).
+    chosen: dict[Key, Key] = {}
+    consumed: set[Key] = set()
+    missing: list[_Entry] = []
+    mismatched: list[str] = []
+    shardings: dict[Key, jax.sharding.Sharding | None] = {}
+    impls: dict[Key, str] = {}
+    dtypes: dict[Key, np.dtype[Any]] = {}
+    for entry in entries:
+        candidates = [c for k in entry.keys() for c in (k, (*k, "value")) if c in stored]
+        if not candidates:
+            missing.append(entry)
+            continue
+        consumed.update(candidates)
+        key = candidates[0]
+        chosen[entry.key] = key
+        impl = saved.keys.get(_join(key)) if saved else None
+        dtype = _related_dtype(entry, stored[key], saved, _join(key), flags)
+        problem = None if dtype is not None else _mismatch(entry.value, stored[key], impl)
+        if problem:
+            mismatched.append(f"{_join(key)} ({problem})")
+            continue
+        dtypes[key] = dtype if dtype is not None else stored[key].dtype  # type: ignore[assignment]
+        shardings[key] = _sharding(entry)
+        if impl:
+            impls[key] = impl
+    unused = [_join(k) for k in stored if k not in consumed]
+    if mismatched:
+        raise ValueError(
+            f"Checkpoint {where!r} does not fit `target` ({type(target).__name__}): shapes or "
+            f"dtypes differ at {len(mismatched)} path(s): {_show(mismatched)}. Build the target "
+            "with the shapes and dtypes it was saved with."
+        )
+    missing_paths = [_join(e.key) for e in missing]
+    if missing or unused:
+        if not partial:
+            raise ValueError(
+                f"Checkpoint {where!r} and `target` ({type(target).__name__}) hold different "
+                f"paths. Missing from the checkpoint: {_show(missing_paths)}; not in the target: "
+                f"{_show(unused)}. Pass partial=True to restore the paths that match and "
+                "leave the rest as they are."
+            )
+        if not chosen:
+            raise ValueError(
+                f"No path of `target` ({type(target).__name__}) is in checkpoint {where!r}, "
+                f"even with partial=True. The target's paths: {_show(missing_paths)}; the "
+                f"checkpoint's: {_show(unused)}."
+            )
+        abstract = [_join(e.key) for e in missing if isinstance(e.value, jax.ShapeDtypeStruct)]
+        if abstract:
+            raise ValueError(
+                f"partial=True would leave abstract values of `target` unfilled at "
+                f"{_show(abstract)}: checkpoint {where!r} does not hold them. Restore into a "
+                "concrete target (built normally), whose values stay where the checkpoint "
+                "has none."
+            )
+        warnings.warn(
+            PartialRestoreWarning(
+                f"Restored {len(chosen)} path(s) from checkpoint {where!r}. Left as they were "
+                f"(missing from the checkpoint): {_show(missing_paths)}; ignored (not in the "
+                f"target): {_show(unused)}."
+            ),
+            stacklevel=3,
+        )
+    plan = _Plan(layout, saved, chosen, stored, shardings, impls, dtypes, optimizers=rebuilt)
+    if flags == "checkpoint" and saved is not None:
+        _plan_retype(plan, saved, entries)
+    return plan
+
+
+def _plan_retype(plan: _Plan, saved: Flags, entries: list[_Entry]) -> None:
+    for entry in entries:
+        key = plan.chosen.get(entry.key)
+        if key is None:
+            continue
+        name, variable = _join(key), entry.variable
+        has_type = variable is not None and PARAM_TYPE_KEY in variable.get_metadata()
+        if name in saved.frozen:
+            trained_dtype = saved.trained_dtypes.get(name)
+            plan.trained_dtypes[entry.key] = np.dtype(trained_dtype) if trained_dtype else None
+            if isinstance(variable, nnx.Param):
+                plan.to_freeze.add(id(variable))
+            elif variable is None and is_raw_trainable(entry.value):
+                plan.to_freeze_leaves.add(entry.key)
+            elif isinstance(variable, FrozenParam) and not has_type:
+                cls = _param_class(saved.param_types.get(name))
+                if cls is not None and cls is not nnx.Param:
+                    plan.param_types[id(variable)] = cls
+        elif name in saved.trainable and isinstance(variable, FrozenParam):
+            plan.to_unfreeze.add(id(variable))
+            cls = _param_class(saved.types.get(name))
+            if not has_type and cls is not None and (cls is not nnx.Param or not entry.in_module):
+                plan.param_types[id(variable)] = cls
+
+
+def _related_dtype(
+    entry: _Entry, stored: _Stored, saved: Flags | None, name: str, flags: str
+) -> np.dtype[Any] | None:
+    """The dtype to read an array as when it differs from the target's by a frozen precision.
+
+    A parameter frozen in a lower precision (``ff.freeze(..., dtype=...)``) on
+    one side and held in the precision it was trained in on the other fits:
+    with ``flags="checkpoint"`` the saved dtype is read (the target is re-typed
+    to it), with ``flags="target"`` the array is cast to the target's dtype.
+    None: no such relation (the dtypes must then be equal).
+    """
+    shape, dtype = _shape_dtype(entry.value)
+    if stored.shape != shape or stored.dtype is None or _is_key(dtype):
+        return None
+    dtype = np.dtype(dtype)
+    if stored.dtype == dtype:
+        return None
+    saved_trained = saved.trained_dtypes.get(name) if saved else None
+    metadata = entry.variable.get_metadata() if entry.variable is not None else {}
+    target_trained = metadata.get(TRAINED_DTYPE_KEY)
+    related = (saved_trained is not None and np.dtype(saved_trained) == dtype) or (
+        target_trained is not None and np.dtype(target_trained) == stored.dtype
+    )
+    if not related:
+        return None
+    return stored.dtype if flags == "checkpoint" and saved is not None else dtype
+
+
+def _mismatch(value: Any, stored: _Stored, impl: str | None) -> str | None:
+    """Why a stored array cannot fill ``value``; None if it can."""
+    shape, dtype = _shape_dtype(value)
+    if _is_key(dtype):
+        target_impl = _key_impl(value)
+        expected = _describe(shape, f"key<{target_impl}>")
+        data_shape, data_dtype = _key_data_shape(value)
+        fits = stored.shape == data_shape and stored.dtype == data_dtype
+        if fits and impl in (None, target_impl):
+            return None
+    else:
+        expected = _describe(shape, np.dtype(dtype).name)
+        if impl is None and stored.shape == shape and stored.dtype == np.dtype(dtype):
+            return None
+    if stored.shape is None or stored.dtype is None:
+        return f"checkpoint holds no array there, target {expected}"
+    if impl is None:
+        return f"checkpoint {_describe(stored.shape, stored.dtype.name)}, target {expected}"
+    key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=impl)))
+    key_shape = stored.shape[: len(stored.shape) - key_data.ndim]
+    return f"checkpoint {_describe(key_shape, f'key<{impl}>')}, target {expected}"
+
+
+class RestoreArgs(ocp.args.Composite):
+    """``args`` for ``ocp.CheckpointManager.restore``, made by :func:`restore_args`.
+
+    Pass it to ``manager.restore(args.step, args=args)``, then hand what that
+    returns to :meth:`finish`, which re-types the target, rebuilds optimizer
+    states and fills in the arrays.
+
+    Attributes:
+        step: the step it was made for (None for a plain directory).
+    """
+
+    step: int | None
+
+    def __init__(self, plan: _Plan, target: Any, step: int | None) -> None:
+        """Holds the plan; use :func:`restore_args` to make one."""
+        items: dict[str, Any] = {STATE: plan.state_args()}
+        if plan.layout.has_flags:
+            items[FLAGS] = ocp.args.JsonRestore()
+        super().__init__(**items)
+        object.__setattr__(self, "_plan", plan)
+        object.__setattr__(self, "_target", target)
+        object.__setattr__(self, "step", step)
+
+    def finish(self, restored: Mapping[str, Any]) -> Any:
+        """Fills the target from what ``CheckpointManager.restore`` returned.
+
+        Args:
+            restored: the Composite that ``manager.restore(step, args=self)`` returned.
+
+        Returns:
+            The target, re-typed and filled, as :func:`restore` returns it.
+
+        Raises:
+            TypeError: if ``restored`` is not what the manager returned for these args.
+        """
+        if not isinstance(restored, Mapping) or not isinstance(restored.get(STATE), Mapping):
+            raise TypeError(
+                f"`restored` must be what manager.restore(args.step, args=args) returned "
+                f"(a Composite with a {STATE!r} item), got {type(restored).__name__}."
+            )
+        return self._plan.finish(self._target, restored[STATE])
+
+
+def _step_directory(
+    root: epath.Path, step: int | None, argname: str = "source"
+) -> tuple[epath.Path, int]:
+    """The directory of a finished step of a CheckpointManager directory (default: the latest)."""
+    paths = {
+        ocp.step.step_from_checkpoint_name(p.name): p for p in ocp.step.checkpoint_steps_paths(root)
+    }
+    if not paths:
+        raise ValueError(
+            f"`{argname}` {str(root)!r} is a CheckpointManager directory with no finished step."
+        )
+    if step is None:
+        step = max(paths)
+    if step not in paths:
+        raise ValueError(
+            f"`step` {step!r} is not a finished step of {str(root)!r}; its steps are "
+            f"{sorted(paths)[-8:]}."
+        )
+    return paths[step], step
+
+
+def restore_args(
+    source: str | epath.PathLike | ocp.CheckpointManager,
+    target: Any,
+    *,
+    step: int | None = None,
+    flags: Literal["checkpoint", "target"] = "checkpoint",
+    partial: bool = False,
+) -> RestoreArgs:
+    """The ``args`` for ``ocp.CheckpointManager.restore`` that restore into ``target`` with flags.
+
+    It reads the step's flags and array metadata (no array data) and checks
+    them against ``target``, so every error :func:`restore` raises is raised
+    here, before the manager reads anything. ``target`` is not changed until
+    :meth:`RestoreArgs.finish`.
+
+    Args:
+        source: an ``ocp.CheckpointManager``, or a checkpoint directory (e.g.
+            one step's directory) written by :func:`save` or :func:`save_args`.
+        target: what to restore into, as for :func:`restore`.
+        step: the manager's step to restore; defaults to its latest finished
+            step. Ignored for a directory.
+        flags: as for :func:`restore`.
+        partial: as for :func:`restore`.
+
+    Returns:
+        A :class:`RestoreArgs`: ``args.finish(manager.restore(args.step, args=args))``.
+
+    Raises:
+        ValueError: if the manager has no finished step or not ``step``; if the
+            step is not a Composite checkpoint with a ``state`` item; and as
+            :func:`restore` raises.
+
+    Example:
+        >>> import tempfile
+        >>> import jax.numpy as jnp, orbax.checkpoint as ocp
+        >>> import flax_freeze as ff
+        >>> tree = {"w": jnp.ones(2), "b": ff.FrozenParam(jnp.zeros(2))}
+        >>> with ocp.CheckpointManager(tempfile.mkdtemp()) as mngr:
+        ...     _ = mngr.save(5, args=ff.checkpoint.save_args(tree))
+        ...     mngr.wait_until_finished()
+        ...     args = ff.checkpoint.restore_args(mngr, {"w": jnp.zeros(2), "b": jnp.ones(2)})
+        ...     restored = args.finish(mngr.restore(args.step, args=args))
+        >>> args.step, type(restored["b"]).__name__, restored["w"].tolist()
+        (5, 'FrozenParam', [1.0, 1.0])
+    """
+    if isinstance(source, ocp.CheckpointManager):
+        directory, step = _step_directory(epath.Path(source.directory), step)
+        argname = "source"
+    else:
+        directory, step, argname = epath.Path(source), None, "source"
+    layout = _locate(directory, argname)
+    if layout.item != STATE:
+        raise ValueError(
+            f"`{argname}` {str(directory)!r} is not a Composite checkpoint with a {STATE!r} "
+            f"item, so CheckpointManager.restore cannot take these args. Use "
+            f"ff.checkpoint.restore({str(directory)!r}, target) instead."
+        )
+    return RestoreArgs(_plan(layout, target, flags, partial), target, step)
+
+
+def restore(
+    directory: str | epath.PathLike,
+    target: T,
+    *,
+    flags: Literal["checkpoint", "target"] = "checkpoint",
+    partial: bool = False,
+) -> T:
+    """Restores a checkpoint into ``target``, with its frozen flags.
+
+    ``target`` gives the structure, shapes, dtypes and shardings: a module, an
+    ``ff.Optimizer``, a pytree of them (``model, opt = restore(dir, (model,
+    opt))``) or a pytree of arrays; concrete, or abstract from
+    ``nnx.eval_shape``. Every array is read onto its target's sharding: a
+    concrete array's own, an abstract one's ``sharding``, or, where
+    ``nnx.eval_shape`` dropped it, the variable's ``out_sharding`` metadata on
+    its ``mesh`` (or the mesh in context). An abstract mesh is made concrete
+    from the mesh in context, else with ``jax.make_mesh`` over the local devices.
+
+    With ``flags="checkpoint"`` the target is re-typed to the saved flags
+    (parameters saved frozen become ``ff.FrozenParam``, the others trainable,
+    with their original types); with ``flags="target"`` it keeps its own. A
+    checkpoint written by plain orbax has no flags: the target keeps its own.
+    Each ``ff.Optimizer`` gets the state structure it had when saved (for the
+    parameters it trained then) and the saved values, so training resumes
+    bit-exactly; if that set differs from what the model trains now, its next
+    update migrates the state as after a ``freeze``. Its state is rebuilt from
+    the target's parameters of the same paths: restore an optimizer together
+    with its model.
+
+    Modules and optimizers (concrete or abstract) are filled in place; pytrees
+    are immutable and come back rebuilt. Use the return value.
+
+    Args:
+        directory: a checkpoint written by :func:`save`, by
+            ``CheckpointManager.save`` with :func:`save_args` (one step's
+            directory), or by plain orbax (``ocp.StandardCheckpointer`` or a
+            Composite with a ``state`` or ``default`` item).
+        target: what to restore into.
+        flags: ``"checkpoint"`` or ``"target"``: whose frozen flags win.
+        partial: restore the paths that exist in both and leave the rest: the
+            target's other values stay as they are, the checkpoint's other
+            arrays are not read; a :class:`PartialRestoreWarning` lists both.
+            Paths start from the saved node: the model of a ``(model, opt)``
+            checkpoint restores into the target ``(model,)``.
+
+    Returns:
+        ``target`` filled from the checkpoint.
+
+    Raises:
+        FileNotFoundError: if ``directory`` does not exist.
+        ValueError: if ``directory`` is not a checkpoint or is unfinished; if
+            its flags item is not valid JSON or names unknown paths; if shapes
+            or dtypes differ; if paths are missing from either side (unless
+            ``partial``); if ``flags`` is not one of the two values.
+
+    Example:
+        >>> import os, tempfile
+        >>> from flax import nnx
+        >>> import flax_freeze as ff
+        >>> model = ff.freeze(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), ff.PathRegex("kernel"))
+        >>> directory = os.path.join(tempfile.mkdtemp(), "ckpt")
+        >>> ff.checkpoint.save(directory, model)
+        >>> abstract = nnx.eval_shape(lambda: nnx.Linear(2, 3, rngs=nnx.Rngs(1)))
+        >>> restored = ff.checkpoint.restore(directory, abstract)
+        >>> type(restored.kernel).__name__, bool((restored.kernel[...] == model.kernel[...]).all())
+        ('FrozenParam', True)
+    """
+    layout = _locate(directory)
+    plan = _plan(layout, target, flags, partial)
+    args = plan.state_args()
+    if layout.item is None:
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+            restored = checkpointer.restore(layout.root, args=args)
+    else:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            composite = checkpointer.restore(
+                layout.root, args=ocp.args.Composite(**{layout.item: args})
+            )
+        restored = composite[layout.item]
+    return plan.finish(target, restored)
+
+
+# --------------------------------------------------------------------------------------
+# Describing a checkpoint
+
+
+@dataclass(frozen=True)
+class Row:
+    """One stored array of a checkpoint."""
+
+    path: str
+    type: str
+    shape: tuple[int, ...]
+    dtype: str
+    status: str
+    count: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Description:
+    """A checkpoint's stored arrays with their flags, read from metadata only.
+
+    ``print(description)`` shows the table with totals; :meth:`to_json` gives
+    the same for machines.
+
+    Attributes:
+        directory: the checkpoint directory.
+        has_flags: whether it has a flags item (False for plain orbax
+            checkpoints, whose rows have status ``unknown``).
+        rows: one :class:`Row` per stored array, sorted by path.
+    """
+
+    directory: str
+    has_flags: bool
+    rows: tuple[Row, ...]
+
+    def totals(self) -> dict[str, dict[str, int]]:
+        """Element counts and bytes per status, and in all (``"total"``)."""
+        totals: dict[str, dict[str, int]] = {}
+        for row in self.rows:
+            for name in (row.status, "total"):
+                entry = totals.setdefault(name, {"count": 0, "bytes": 0})
+                entry["count"] += row.count
+                entry["bytes"] += row.bytes
+        return totals
+
+    def to_json(self) -> dict[str, Any]:
+        """The description as JSON-ready data."""
+        return {
+            "directory": self.directory,
+            "has_flags": self.has_flags,
+            "variables": [
+                {
+                    "path": r.path,
+                    "type": r.type,
+                    "shape": list(r.shape),
+                    "dtype": r.dtype,
+                    "status": r.status,
+                    "count": r.count,
+                    "bytes": r.bytes,
+                }
+                for r in self.rows
+            ],
+            "totals": self.totals(),
+        }
+
+    def __str__(self) -> str:
+        """The table of rows, then the totals per status."""
+        header = ("path", "type", "shape", "dtype", "status", "count", "bytes")
+        lines = [
+            (r.path, r.type, str(r.shape), r.dtype, r.status, f"{r.count:,}", f"{r.bytes:,}")
+            for r in self.rows
+        ]
+        widths = [max(len(c) for c in col) for col in zip(header, *lines, strict=True)]
+
+        def fmt(cells: tuple[str, ...]) -> str:
+            return "  ".join(
+                c.rjust(w) if i >= 5 else c.ljust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            ).rstrip()
+
+        rule = "-" * len(fmt(header))
+        flags = "flax_freeze flags" if self.has_flags else "no flags (plain orbax checkpoint)"
+        out = [f"{self.directory}: {flags}", fmt(header), rule, *map(fmt, lines), rule]
+        totals = self.totals()
+        parts = [
+            f"{status} {totals[status]['count']:,} ({_bytes(totals[status]['bytes'])})"
+            for status in (*STATUSES, "unknown")
+            if status in totals
+        ]
+        total = totals.get("total", {"count": 0, "bytes": 0})
+        parts.append(f"total {total['count']:,} ({_bytes(total['bytes'])})")
+        out.append(", ".join(parts))
+        return "\n".join(out)
+
+
+def _bytes(n: float) -> str:
+    if n < 1024:
+        return f"{n:,.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024 or unit == "GiB":
+            break
+    return f"{n:,.1f} {unit}"
+
+
+def describe(directory: str | epath.PathLike) -> Description:
+    """Describes a checkpoint's arrays and flags from its metadata, without reading arrays.
+
+    Args:
+        directory: a checkpoint directory (written by :func:`save`, or by
+            plain orbax).
+
+    Returns:
+        A :class:`Description`; print it for a table of paths, types, shapes,
+        dtypes and trainable or frozen, with totals.
+
+    Raises:
+        FileNotFoundError: if ``directory`` does not exist.
+        ValueError: if ``directory`` is not a checkpoint, or its flags item is
+            not valid JSON or names unknown paths.
+
+    Example:
+        >>> import os, tempfile
+        >>> from flax import nnx
+        >>> import flax_freeze as ff
+        >>> model = ff.freeze(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), ff.PathRegex("kernel"))
+        >>> directory = os.path.join(tempfile.mkdtemp(), "ckpt")
+        >>> ff.checkpoint.save(directory, model)
+        >>> print(ff.checkpoint.describe(directory))  # doctest: +ELLIPSIS
+        /...ckpt: flax_freeze flags
+        path    type         shape   dtype    status     count  bytes
+        -------------------------------------------------------------
+        bias    Param        (3,)    float32  trainable      3     12
+        kernel  FrozenParam  (2, 3)  float32  frozen         6     24
+        -------------------------------------------------------------
+        trainable 3 (12 B), frozen 6 (24 B), total 9 (36 B)
+    """
+    layout = _locate(directory)
+    stored, flags = _read(layout)
+    rows = []
+    for key, meta in stored.items():
+        if meta.shape is None or meta.dtype is None:
+            continue
+        name = _join(key)
+        count = math.prod(meta.shape)
+        if flags is None:
+            type_name, status = "-", "unknown"
+        else:
+            type_name = flags.types.get(name, "array").rpartition(".")[2]
+            status = (
+                "frozen"
+                if name in flags.frozen
+                else "trainable"
+                if name in flags.trainable
+                else "state"
+            )
+        impl = flags.keys.get(name) if flags else None
+        dtype = f"key<{impl}> data ({meta.dtype.name})" if impl else meta.dtype.name
+        rows.append(
+            Row(name, type_name, meta.shape, dtype, status, count, count * meta.dtype.itemsize)
+        )
+    return Description(
+        str(layout.root), flags is not None, tuple(sorted(rows, key=lambda r: r.path))
+    )
