@@ -130,12 +130,19 @@ def replace(
     return visit(node, (), False)
 
 
+def _cast(value: Any, dtype: np.dtype) -> Any:
+    """``value`` in ``dtype``; an abstract value (``nnx.eval_shape``) stays abstract."""
+    if isinstance(value, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(value.shape, dtype, sharding=value.sharding)
+    return jnp.asarray(value).astype(dtype)
+
+
 def _stored(value: Any, metadata: dict[str, Any], dtype: np.dtype | None) -> Any:
     """The value to keep frozen: cast to ``dtype``, noting the trained dtype in ``metadata``."""
     if dtype is None or np.dtype(jnp.result_type(value)) == dtype:
         return value
     metadata[TRAINED_DTYPE_KEY] = np.dtype(jnp.result_type(value))
-    return jnp.asarray(value).astype(dtype)
+    return _cast(value, dtype)
 
 
 def _frozen_copy(variable: nnx.Variable, dtype: np.dtype | None) -> FrozenParam:
@@ -157,7 +164,7 @@ def _trainable_copy(variable: nnx.Variable, in_module: bool) -> Any:
     value = variable.get_raw_value()
     trained_dtype = metadata.pop(TRAINED_DTYPE_KEY, None)
     if trained_dtype is not None:
-        value = value.astype(trained_dtype)
+        value = _cast(value, trained_dtype)
     if param_type is None and not in_module:
         return value  # a bare pytree leaf frozen by freeze()
     return (param_type or nnx.Param).from_metadata(value, metadata)

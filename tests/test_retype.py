@@ -375,3 +375,18 @@ def test_freeze_dtype_on_pytrees_and_bad_dtype():
         ff.freeze(tree, dtype=jnp.int8)
     with pytest.raises(TypeError, match=r"`dtype` must be a floating dtype"):
         ff.freeze(tree, dtype="not-a-dtype")
+
+
+def test_freeze_dtype_on_an_abstract_model_stays_abstract():
+    def make():
+        return ff.freeze(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), dtype=jnp.bfloat16)
+
+    abstract = nnx.eval_shape(make)
+    kernel = abstract.kernel.get_raw_value()
+    assert isinstance(kernel, jax.ShapeDtypeStruct)
+    assert kernel.dtype == jnp.bfloat16
+    ff.unfreeze(abstract)
+    kernel = abstract.kernel.get_raw_value()
+    assert isinstance(kernel, jax.ShapeDtypeStruct)
+    assert kernel.dtype == jnp.float32
+    assert kernel.shape == (2, 3)
