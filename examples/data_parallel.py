@@ -214,6 +214,8 @@ def main() -> None:
         )
         worst = max(jax.tree.leaves(diff))
         print(f"{style:>17}: losses {np.round(losses, 5)}, max |w - w_single| {worst:.2e}")
+        if worst > 1e-4:
+            raise SystemExit(f"{style}: weights differ from single-device training by {worst:.2e}")
 
 
 if __name__ == "__main__":
