@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _checkpoint_directory(directory: str, step: int | None) -> tuple[epath.Path, int | None]:
     """The checkpoint to show: ``directory`` itself, or a step of a manager directory."""
-    path = epath.Path(directory)
+    path = checkpoint._absolute(directory)
     if step is None:
         try:
             checkpoint._locate(path)

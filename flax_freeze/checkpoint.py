@@ -43,24 +43,33 @@ Plain orbax, both ways:
   makes keys of them again); frozen parameters become whatever the plain model
   declares.
 
-Linen: Linen variables dicts and ``ffl.TrainState`` are pytrees and are saved
-and restored as such. Their frozen marker is a box, not a Variable: it hooks
-in where this module decides an entry's flag (``_walk``/``_status``) and where
-it re-types the target (``_Plan._retype``).
+Linen: a variables dict (``{"params": ..., "batch_stats": ...}``), a params
+dict and an ``ffl.TrainState`` (with the fields of a subclass, such as
+``batch_stats``) are saved by path like other pytrees. A parameter in boxes
+(``ffl.FrozenBox``, ``nn.Partitioned``) is stored unboxed under its own path
+(``params/Dense_0/kernel``), and is frozen when an ``ffl.FrozenBox`` holds it.
+Only ``params`` is trainable: other collections, and a TrainState's step and
+optimizer state, are other state. With ``flags="checkpoint"``, a restore puts
+``ffl.FrozenBox`` on the target's parameters saved frozen and takes it off
+those saved trainable (other boxes stay), and an ``ffl.TrainState`` gets the
+optimizer state structure of the parameters trainable when saved.
+
+Several processes (``jax.distributed``) save and restore together: each calls
+:func:`save` (or :func:`restore`) with the same arguments, as with orbax.
 """
 
 from __future__ import annotations
 
-import functools
+import itertools
 import json
 import math
+import os
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -68,11 +77,35 @@ from flax import nnx
 from flax.nnx import graphlib
 from flax.nnx.spmd import get_var_pspec
 from flax.nnx.training.optimizer import OptArray, OptVariable
+from flax.training import train_state
 
+from ._boxes import FrozenBox, is_frozen_box, strip_frozen
+from ._ckpt_flags import FORMAT as FORMAT
+from ._ckpt_flags import Flags, show
+from ._ckpt_walk import (
+    Entry,
+    Key,
+    in_box,
+    is_inexact,
+    is_key,
+    is_number,
+    is_python_number,
+    is_tree_leaf,
+    join,
+    key_impl,
+    key_of,
+    number_dtype,
+    rebuild,
+    shape_dtype,
+    status,
+    walk,
+)
 from ._filters import Path, path_str
-from ._optimizer import Optimizer
-from ._retype import freeze, is_raw_trainable, replace, unfreeze
+from ._grad import trainable_tree
+from ._optimizer import Optimizer, migrate_opt_state
+from ._retype import freeze, unfreeze
 from ._variables import PARAM_TYPE_KEY, TRAINED_DTYPE_KEY, FrozenParam
+from .linen import TrainState
 
 __all__ = [
     "FORMAT",
@@ -90,17 +123,13 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-Key = tuple[str, ...]
 
-#: The ``format`` entry of a flags item written by this module.
-FORMAT = "flax_freeze.checkpoint"
-VERSION = 1
 STATE = "state"
 FLAGS = "flags"
 STATUSES = ("trainable", "frozen", "state")
 _NEW = ".flax-freeze-new"
 _OLD = ".flax-freeze-old"
-_SHOWN = 8
+_barriers = itertools.count()
 
 
 class PartialRestoreWarning(UserWarning):
@@ -108,122 +137,11 @@ class PartialRestoreWarning(UserWarning):
 
 
 # --------------------------------------------------------------------------------------
-# Walking a node
+# Types and shapes
 
 
-def _key(path: Iterable[Any]) -> Key:
-    return tuple(str(k) for k in path)
-
-
-def _join(key: Iterable[str]) -> str:
-    return "/".join(key)
-
-
-def _show(paths: Iterable[str]) -> str:
-    items = sorted(set(paths))
-    shown = ", ".join(items[:_SHOWN])
-    if len(items) > _SHOWN:
-        shown += f", ... ({len(items)} in all)"
-    return f"[{shown}]"
-
-
-def _is_number(x: Any) -> bool:
-    if isinstance(x, bool | int | float):
-        return True
-    return isinstance(x, np.generic) and (
-        np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.bool_)
-    )
-
-
-def _is_module_leaf(x: Any) -> bool:
-    """State inside an NNX module, as ``nnx.state`` sees it: arrays (or their abstract form)."""
-    return isinstance(x, jax.Array | np.ndarray | jax.ShapeDtypeStruct)
-
-
-def _is_tree_leaf(x: Any) -> bool:
-    """State in a plain pytree: arrays and Python or NumPy numbers."""
-    return _is_module_leaf(x) or _is_number(x)
-
-
-@dataclass
-class _Entry:
-    """One saved value: a variable (every path it is reachable by) or a bare leaf."""
-
-    paths: list[Path]
-    value: Any
-    variable: nnx.Variable | None = None
-    in_module: bool = False
-    in_optimizer: bool = False
-
-    @functools.cached_property
-    def path(self) -> Path:
-        """The path it is stored under: the least of its paths (read once walked)."""
-        return min(self.paths, key=_key)
-
-    @functools.cached_property
-    def key(self) -> Key:
-        return _key(self.path)
-
-    def keys(self) -> list[Key]:
-        return sorted({_key(p) for p in self.paths})
-
-
-def _walk(
-    node: Any, prefix: Path = (), in_module: bool = False, in_optimizer: bool = False
-) -> tuple[list[_Entry], list[tuple[Path, Optimizer[Any]]]]:
-    """Walks ``node`` the way NNX does: its saved entries, and its ``ff.Optimizer`` nodes.
-
-    A tied variable is one entry with several paths. Variables holding None
-    are skipped. Linen hook: a frozen Linen box met here would be one entry
-    (its unboxed value) instead of a pytree to walk into.
-    """
-    variables: dict[int, _Entry] = {}
-    leaves: list[_Entry] = []
-    optimizers: dict[int, tuple[Path, Optimizer[Any]]] = {}
-
-    def visit(x: Any, path: Path, ancestors: set[int], in_module: bool, in_opt: bool) -> None:
-        if isinstance(x, nnx.Variable):
-            value = x.get_raw_value()
-            if value is None:
-                return
-            entry = variables.setdefault(id(x), _Entry([], value, x))
-            entry.paths.append(path)
-            entry.in_module = entry.in_module or in_module
-            entry.in_optimizer = entry.in_optimizer or in_opt
-            return
-        impl = graphlib.get_node_impl(x)
-        if impl is None:
-            if _is_module_leaf(x) if in_module else _is_tree_leaf(x):
-                leaves.append(_Entry([path], x, None, in_module, in_opt))
-            return
-        if id(x) in ancestors:  # a cycle through a parent reference
-            return
-        if isinstance(x, Optimizer):
-            optimizers.setdefault(id(x), (path, x))
-            in_opt = True
-        ancestors.add(id(x))
-        child_in_module = in_module or isinstance(x, nnx.Pytree)
-        for key, child in impl.node_dict(x).items():
-            visit(child, (*path, key), ancestors, child_in_module, in_opt)
-        ancestors.discard(id(x))
-
-    visit(node, prefix, set(), in_module, in_optimizer)
-    return [*variables.values(), *leaves], list(optimizers.values())
-
-
-def _status(entry: _Entry) -> str:
-    """The flag an entry is saved with: ``trainable``, ``frozen`` or ``state``.
-
-    The one place that decides it. Linen hook: a frozen Linen box is ``frozen``.
-    """
-    x = entry.variable
-    if isinstance(x, nnx.Param):
-        return "trainable"
-    if isinstance(x, FrozenParam):
-        return "frozen"
-    if x is not None:
-        return "state"
-    return "trainable" if is_raw_trainable(entry.value) else "state"
+def _describe(shape: tuple[int, ...], dtype: str) -> str:
+    return f"{shape} {dtype}"
 
 
 def _qualname(cls: type) -> str:
@@ -241,213 +159,31 @@ def _param_class(name: str | None) -> type | None:
     return None
 
 
-def _is_key(dtype: Any) -> bool:
-    return jnp.issubdtype(dtype, jax.dtypes.prng_key)
-
-
-def _shape_dtype(value: Any) -> tuple[tuple[int, ...], Any]:
-    if isinstance(value, jax.Array | np.ndarray | jax.ShapeDtypeStruct):
-        return tuple(value.shape), value.dtype
-    array = np.asarray(value)
-    return tuple(array.shape), array.dtype
-
-
-def _key_impl(value: Any) -> str:
-    """The implementation name of a PRNG key array, concrete or abstract."""
-    if isinstance(value, jax.Array):
-        return str(jax.random.key_impl(value))
-    names: list[str] = []
-
-    def probe(key: jax.Array) -> jax.Array:
-        names.append(str(jax.random.key_impl(key)))
-        return key
-
-    jax.eval_shape(probe, value)
-    return names[0]
-
-
 def _key_data_shape(value: Any) -> tuple[tuple[int, ...], np.dtype[Any]]:
-    shape, dtype = _shape_dtype(value)
+    shape, dtype = shape_dtype(value)
     data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(shape, dtype))
     return tuple(data.shape), np.dtype(data.dtype)
-
-
-def _describe(shape: tuple[int, ...], dtype: str) -> str:
-    return f"{shape} {dtype}"
-
-
-# --------------------------------------------------------------------------------------
-# The flags item
-
-
-@dataclass(frozen=True)
-class Flags:
-    """What a checkpoint's ``flags`` item records. Paths are ``'/'``-joined.
-
-    Attributes:
-        frozen: paths of the frozen parameters.
-        trainable: paths of the trainable parameters (and trainable pytree leaves).
-        types: for each saved variable, the module-qualified name of its type.
-        param_types: for each frozen parameter whose trainable type is not
-            ``nnx.Param``, that type's qualified name (e.g. ``nnx.LoRAParam``).
-        keys: for each saved PRNG key array, its implementation
-            (``"threefry2x32"``); the key data is what is stored.
-        optimizers: for each ``ff.Optimizer`` (by its path in the saved node,
-            ``""`` for the node itself), the parameter paths it trained.
-        arrays: for each stored array, its shape and dtype name, so that a
-            restore checks them without opening any array.
-        trained_dtypes: for each parameter frozen in a lower precision
-            (``ff.freeze(..., dtype=...)``), the dtype it was trained in.
-    """
-
-    frozen: frozenset[str] = frozenset()
-    trainable: frozenset[str] = frozenset()
-    types: Mapping[str, str] = field(default_factory=dict)
-    param_types: Mapping[str, str] = field(default_factory=dict)
-    keys: Mapping[str, str] = field(default_factory=dict)
-    optimizers: Mapping[str, tuple[Path, ...]] = field(default_factory=dict)
-    arrays: Mapping[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)
-    trained_dtypes: Mapping[str, str] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        """The JSON item, as stored."""
-        return {
-            "format": FORMAT,
-            "version": VERSION,
-            "frozen": sorted(self.frozen),
-            "trainable": sorted(self.trainable),
-            "types": dict(sorted(self.types.items())),
-            "param_types": dict(sorted(self.param_types.items())),
-            "keys": dict(sorted(self.keys.items())),
-            "optimizers": {
-                name: [list(path) for path in paths] for name, paths in self.optimizers.items()
-            },
-            "arrays": {
-                name: {"shape": list(shape), "dtype": dtype}
-                for name, (shape, dtype) in sorted(self.arrays.items())
-            },
-            "trained_dtypes": dict(sorted(self.trained_dtypes.items())),
-        }
-
-    @classmethod
-    def from_json(cls, data: Any, where: str, stored: Iterable[str] | None) -> Flags:
-        """Validates a flags item read from ``where`` against the stored paths.
-
-        With ``stored`` None, the paths of its ``arrays`` entry are the stored ones.
-        """
-
-        def bad(problem: str) -> ValueError:
-            return ValueError(
-                f"The flags item of checkpoint {where!r} {problem}. It was not written "
-                "by ff.checkpoint.save, or was edited or damaged; restore its arrays "
-                "with plain orbax (ocp.StandardCheckpointer) if you need them."
-            )
-
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise bad(f"is not a flax_freeze flags item (format {_get(data, 'format')!r})")
-        version = data.get("version")
-        if not isinstance(version, int) or version > VERSION or version < 1:
-            raise bad(f"has version {version!r}; this flax_freeze reads version {VERSION}")
-
-        def strings(name: str) -> list[str]:
-            value = data.get(name, [])
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise bad(f"has a malformed {name!r} entry: {value!r:.200}")
-            return value
-
-        def mapping(name: str) -> dict[str, str]:
-            value = data.get(name, {})
-            if not isinstance(value, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-            ):
-                raise bad(f"has a malformed {name!r} entry: {value!r:.200}")
-            return value
-
-        optimizers: dict[str, tuple[Path, ...]] = {}
-        raw = data.get("optimizers", {})
-        if not isinstance(raw, dict):
-            raise bad(f"has a malformed 'optimizers' entry: {raw!r:.200}")
-        for name, paths in raw.items():
-            ok = isinstance(paths, list) and all(
-                isinstance(p, list)
-                and all(isinstance(k, str | int) and not isinstance(k, bool) for k in p)
-                for p in paths
-            )
-            if not ok:
-                raise bad(f"has a malformed 'optimizers' entry for {name!r}: {paths!r:.200}")
-            optimizers[name] = tuple(sorted((tuple(p) for p in paths), key=path_str))
-        arrays: dict[str, tuple[tuple[int, ...], str]] = {}
-        raw = data.get("arrays", {})
-        if not isinstance(raw, dict):
-            raise bad(f"has a malformed 'arrays' entry: {raw!r:.200}")
-        for name, spec in raw.items():
-            shape = spec.get("shape") if isinstance(spec, dict) else None
-            dtype = spec.get("dtype") if isinstance(spec, dict) else None
-            if (
-                not isinstance(shape, list)
-                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
-                or not isinstance(dtype, str)
-                or not _is_dtype(dtype)
-            ):
-                raise bad(f"has a malformed 'arrays' entry for {name!r}: {spec!r:.200}")
-            arrays[name] = (tuple(shape), dtype)
-        flags = cls(
-            frozenset(strings("frozen")),
-            frozenset(strings("trainable")),
-            mapping("types"),
-            mapping("param_types"),
-            mapping("keys"),
-            optimizers,
-            arrays,
-            mapping("trained_dtypes"),
-        )
-        bad_dtypes = {k: v for k, v in flags.trained_dtypes.items() if not _is_dtype(v)}
-        if bad_dtypes:
-            raise bad(f"has a malformed 'trained_dtypes' entry: {bad_dtypes!r:.200}")
-        stored = set(arrays) if stored is None else set(stored)
-        named = flags.frozen | flags.trainable | set(flags.types) | set(flags.keys)
-        unknown = named - stored
-        if unknown:
-            raise bad(f"names paths that are not in its state item: {_show(unknown)}")
-        for name, entry in (("types", flags.param_types), ("dtypes", flags.trained_dtypes)):
-            extra = set(entry) - flags.frozen
-            if extra:
-                raise bad(f"gives trainable {name} for paths that are not frozen: {_show(extra)}")
-        if flags.frozen & flags.trainable:
-            raise bad(
-                f"lists paths as both frozen and trainable: {_show(flags.frozen & flags.trainable)}"
-            )
-        return flags
-
-
-def _is_dtype(name: str) -> bool:
-    try:
-        np.dtype(name)
-    except TypeError:
-        return False
-    return True
-
-
-def _get(data: Any, name: str) -> Any:
-    return data.get(name) if isinstance(data, dict) else type(data).__name__
 
 
 # --------------------------------------------------------------------------------------
 # Building what is saved
 
 
-def _saved_value(entry: _Entry) -> Any:
+def _saved_value(entry: Entry) -> Any:
     value = entry.value
-    if isinstance(value, jax.Array) and _is_key(value.dtype):
+    if isinstance(value, jax.Array) and is_key(value.dtype):
         return jax.random.key_data(value)
-    if _is_number(value):
+    if is_python_number(value):  # in the dtype JAX computes it in
+        return np.asarray(value, number_dtype(value))
+    if is_number(value):
         return np.asarray(value)
     return value
 
 
 def _build(node: Any) -> tuple[dict[str, Any], Flags]:
     """The ``state`` dict and the flags of ``node``."""
-    entries, optimizers = _walk(node)
+    walked = walk(node)
+    entries, optimizers = walked.entries, walked.optimizers
     if not entries:
         raise ValueError(
             f"`node` holds no arrays to save: got {type(node).__name__} {node!r:.200}. "
@@ -462,21 +198,21 @@ def _build(node: Any) -> tuple[dict[str, Any], Flags]:
     if abstract:
         raise ValueError(
             f"`node` is abstract (ShapeDtypeStruct values) at "
-            f"{_show(_join(e.key) for e in abstract)}: save needs real arrays. Restore or "
+            f"{show(join(e.key) for e in abstract)}: save needs real arrays. Restore or "
             "build the node before saving it."
         )
-    odd = [e for e in entries if not _is_tree_leaf(e.value)]
+    odd = [e for e in entries if not is_tree_leaf(e.value)]
     if odd:
         kinds = sorted({type(e.value).__name__ for e in odd})
         raise TypeError(
             f"`node` holds variables whose values are not arrays ({', '.join(kinds)}) at "
-            f"{_show(_join(e.key) for e in odd)}. Only arrays and numbers can be saved: "
+            f"{show(join(e.key) for e in odd)}. Only arrays and numbers can be saved: "
             "hold other values in static attributes."
         )
     slashed = [e for e in entries if any("/" in k for k in e.key)]
     if slashed:
         raise ValueError(
-            f"`node` has keys containing '/' at {_show(repr(e.key) for e in slashed)}: "
+            f"`node` has keys containing '/' at {show(repr(e.key) for e in slashed)}: "
             "checkpoint paths are '/'-joined, so such keys would be ambiguous. Rename them."
         )
     state: dict[str, Any] = {}
@@ -492,25 +228,29 @@ def _build(node: Any) -> tuple[dict[str, Any], Flags]:
             )
         seen[dotted] = key
         _insert(state, key, _saved_value(entry))
-    frozen = {_join(e.key) for e in entries if _status(e) == "frozen"}
-    trainable = {_join(e.key) for e in entries if _status(e) == "trainable"}
-    types = {_join(e.key): _qualname(type(e.variable)) for e in entries if e.variable is not None}
+    frozen = {join(e.key) for e in entries if status(e) == "frozen"}
+    trainable = {join(e.key) for e in entries if status(e) == "trainable"}
+    types = {
+        join(e.key): _qualname(type(e.variable if e.variable is not None else e.box))
+        for e in entries
+        if e.variable is not None or e.box is not None
+    }
     param_types: dict[str, str] = {}
     for e in entries:
         original = e.variable.get_metadata().get(PARAM_TYPE_KEY) if e.variable is not None else None
         if isinstance(e.variable, FrozenParam) and original not in (None, nnx.Param):
-            param_types[_join(e.key)] = _qualname(original)
+            param_types[join(e.key)] = _qualname(original)
     trained_dtypes: dict[str, str] = {}
     for e in entries:
         trained_dtype = (
             e.variable.get_metadata().get(TRAINED_DTYPE_KEY) if e.variable is not None else None
         )
         if isinstance(e.variable, FrozenParam) and trained_dtype is not None:
-            trained_dtypes[_join(e.key)] = np.dtype(trained_dtype).name
+            trained_dtypes[join(e.key)] = np.dtype(trained_dtype).name
     keys = {
-        _join(e.key): _key_impl(e.value)
+        join(e.key): key_impl(e.value)
         for e in entries
-        if isinstance(e.value, jax.Array) and _is_key(e.value.dtype)
+        if isinstance(e.value, jax.Array) and is_key(e.value.dtype)
     }
     trained = {
         path_str(path): tuple(
@@ -520,8 +260,8 @@ def _build(node: Any) -> tuple[dict[str, Any], Flags]:
     }
     arrays = {}
     for entry in entries:
-        shape, dtype = _shape_dtype(_saved_value(entry))
-        arrays[_join(entry.key)] = (shape, np.dtype(dtype).name)
+        shape, dtype = shape_dtype(_saved_value(entry))
+        arrays[join(entry.key)] = (shape, np.dtype(dtype).name)
     flags = Flags(
         frozenset(frozen),
         frozenset(trainable),
@@ -592,18 +332,26 @@ def save(directory: str | epath.PathLike, node: Any, *, force: bool = False) -> 
 
     ``node`` may be a module, an ``ff.Optimizer`` (its state, step count and
     trained paths), a pytree of them (``save(dir, (model, opt))`` keeps both),
-    or a pytree of arrays and ``ff.FrozenParam`` values. Arrays are stored by
-    path whatever their variable type; the flags go in a JSON item beside them
-    (see the module docstring). Restore with :func:`restore`.
+    a pytree of arrays and ``ff.FrozenParam`` values, or Linen state: a
+    variables or params dict, an ``ffl.TrainState``. Arrays are stored by path
+    whatever their variable type or boxes; the flags go in a JSON item beside
+    them (see the module docstring). Python numbers are stored in the dtype
+    JAX computes them in (``float32`` and ``int32`` unless x64 is enabled).
+    Restore with :func:`restore`.
 
     The write is atomic: orbax writes a temporary directory and renames it.
     With ``force=True`` an existing checkpoint is replaced only once the new
     one is complete: a process killed during the save leaves the old one
     intact at ``directory``.
 
+    In a multi-process run (``jax.process_count() > 1``) every process calls
+    ``save`` with the same arguments, on a file system they share. Process 0
+    alone prepares the directory and, with ``force=True``, swaps in the new
+    checkpoint; every process returns once it is in place at ``directory``.
+
     Args:
         directory: the checkpoint directory to create (its parent is created
-            if needed).
+            if needed); a relative path is taken from the working directory.
         node: what to save: concrete arrays, not an abstract node.
         force: replace ``directory`` if it exists.
 
@@ -623,9 +371,10 @@ def save(directory: str | epath.PathLike, node: Any, *, force: bool = False) -> 
         >>> sorted(ff.checkpoint.read_flags(directory).frozen)
         ['kernel']
     """
-    path = epath.Path(directory)
+    path = _absolute(directory)
     args = save_args(node)
-    if path.exists():
+    exists = path.exists()
+    if exists:
         if not force:
             raise ValueError(
                 f"`directory` {str(path)!r} already exists. Pass force=True to replace it "
@@ -637,21 +386,40 @@ def save(directory: str | epath.PathLike, node: Any, *, force: bool = False) -> 
                 f"`directory` {str(path)!r} is a file, not a checkpoint; remove it or "
                 "choose another directory."
             )
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # With several processes, process 0 alone changes directories; the others
+    # wait at a barrier after each change (orbax's own save has its barriers).
+    primary = jax.process_index() == 0
     new, old = _sibling(path, _NEW), _sibling(path, _OLD)
-    for stale in [new, *path.parent.glob(f"{new.name}{ocp.step.TMP_DIR_SUFFIX}*")]:
-        if stale.exists():
-            stale.rmtree()
-    if path.exists() and old.exists():
-        old.rmtree()  # left by an interrupted earlier save; `path` is the checkpoint
-    target = new if path.exists() else path
+    if primary:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in [new, *path.parent.glob(f"{new.name}{ocp.step.TMP_DIR_SUFFIX}*")]:
+            if stale.exists():
+                stale.rmtree()
+        if exists and old.exists():
+            old.rmtree()  # left by an interrupted earlier save; `path` is the checkpoint
+    _barrier("save:prepare")
+    target = new if exists else path
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         checkpointer.save(target, args)
-    if target == new:
-        path.rename(old)
-        new.rename(path)
-    if old.exists():
-        old.rmtree()
+    if primary:
+        if target == new:
+            path.rename(old)
+            new.rename(path)
+        if old.exists():
+            old.rmtree()
+    _barrier("save:replaced")
+
+
+def _barrier(name: str) -> None:
+    """Waits until every process gets here (nothing to wait for in a single process)."""
+    if jax.process_count() > 1:
+        ocp.multihost.sync_global_processes(f"flax_freeze:{name}:{next(_barriers)}")
+
+
+def _absolute(directory: str | epath.PathLike) -> epath.Path:
+    """``directory`` as an absolute path (orbax refuses relative ones)."""
+    path = epath.Path(directory)
+    return path if path.is_absolute() else epath.Path(os.path.abspath(path))
 
 
 # --------------------------------------------------------------------------------------
@@ -672,7 +440,7 @@ class _Layout:
 
 
 def _locate(directory: str | epath.PathLike, argname: str = "directory") -> _Layout:
-    path = epath.Path(directory)
+    path = _absolute(directory)
     if not path.exists():
         old = _sibling(path, _OLD)
         hint = (
@@ -754,7 +522,7 @@ def _stored_paths(layout: _Layout) -> set[str] | None:
     """The stored paths, from the state item's ``_METADATA`` file; None if unreadable."""
     try:
         tree = json.loads((layout.state_dir / "_METADATA").read_text())["tree_metadata"]
-        return {_join(str(k["key"]) for k in leaf["key_metadata"]) for leaf in tree.values()}
+        return {join(str(k["key"]) for k in leaf["key_metadata"]) for leaf in tree.values()}
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -791,15 +559,15 @@ def _read(layout: _Layout) -> tuple[dict[Key, _Stored], Flags | None]:
     paths = _stored_paths(layout) if arrays else None
     if data is None or paths is None:
         stored = _orbax_metadata(layout)
-        flags = None if data is None else Flags.from_json(data, where, map(_join, stored))
+        flags = None if data is None else Flags.from_json(data, where, map(join, stored))
         return stored, flags
     flags = Flags.from_json(data, where, None)
     if set(flags.arrays) != paths:
         missing, extra = set(flags.arrays) - paths, paths - set(flags.arrays)
         raise ValueError(
             f"The flags item of checkpoint {where!r} does not list the arrays its state item "
-            f"holds: listed but not stored {_show(missing)}, stored but not listed "
-            f"{_show(extra)}. The checkpoint was edited or damaged; restore its arrays with "
+            f"holds: listed but not stored {show(missing)}, stored but not listed "
+            f"{show(extra)}. The checkpoint was edited or damaged; restore its arrays with "
             "plain orbax if you need them."
         )
     stored = {
@@ -864,14 +632,14 @@ def _concrete_mesh(mesh: Any, where: str) -> jax.sharding.Mesh:
         ) from err
 
 
-def _sharding(entry: _Entry) -> jax.sharding.Sharding | None:
+def _sharding(entry: Entry) -> jax.sharding.Sharding | None:
     """The sharding to restore an entry onto; None restores a NumPy array."""
     value = entry.value
     if isinstance(value, jax.Array):
         return value.sharding
     if not isinstance(value, jax.ShapeDtypeStruct):
         return None
-    where = repr(_join(entry.key))
+    where = repr(join(entry.key))
     sharding = value.sharding
     variable = entry.variable
     if sharding is None and variable is not None and variable.get_metadata().get("out_sharding"):
@@ -903,23 +671,39 @@ def _sharding(entry: _Entry) -> jax.sharding.Sharding | None:
 # Restoring
 
 
-def _find_param(entries: list[_Entry], trained: Path) -> _Entry | None:
+def _find_param(entries: list[Entry], trained: Path) -> Entry | None:
     """The variable outside optimizers whose path ends with ``trained`` (shortest path first)."""
-    want, n = _key(trained), len(trained)
-    best: tuple[tuple[int, Key], _Entry] | None = None
+    want, n = key_of(trained), len(trained)
+    best: tuple[tuple[int, Key], Entry] | None = None
     for entry in entries:
         if entry.in_optimizer or entry.variable is None:
             continue
         for path in entry.paths:
-            if len(path) >= n and _key(path[len(path) - n :]) == want:
-                rank = (len(path), _key(path))
+            if len(path) >= n and key_of(path[len(path) - n :]) == want:
+                rank = (len(path), key_of(path))
                 if best is None or rank < best[0]:
                     best = (rank, entry)
     return best[1] if best else None
 
 
+def _state_sharding(
+    key: Key,
+    shape: tuple[int, ...],
+    params: Mapping[Key, tuple[tuple[int, ...], jax.sharding.Sharding | None]],
+    old: Mapping[Key, Any],
+) -> jax.sharding.Sharding:
+    """Where a rebuilt optimizer-state leaf goes: like its parameter, else like the old leaf."""
+    for param, (param_shape, sharding) in params.items():
+        if key[len(key) - len(param) :] == param and param_shape == shape and sharding:
+            return sharding
+    previous = old.get(key)
+    if isinstance(previous, jax.Array) and previous.shape == shape:
+        return previous.sharding
+    return _default_sharding()
+
+
 def _rebuild_opt_state(
-    opt: Optimizer[Any], trained: tuple[Path, ...], entries: list[_Entry], where: str
+    opt: Optimizer[Any], trained: tuple[Path, ...], entries: list[Entry], where: str
 ) -> Any:
     """Abstract optimizer state for the parameters ``trained``, each leaf with its sharding."""
     params: list[tuple[Path, nnx.Variable]] = []
@@ -930,46 +714,34 @@ def _rebuild_opt_state(
         if entry is None:
             missing.append(path_str(path))
             continue
-        shape, dtype = _shape_dtype(entry.value)
+        shape, dtype = shape_dtype(entry.value)
         sharding = _sharding(entry)
         metadata = entry.variable.get_metadata() if entry.variable is not None else {}
         metadata.pop(PARAM_TYPE_KEY, None)
         dtype = metadata.pop(TRAINED_DTYPE_KEY, dtype)  # trained at the dtype it was trained in
         abstract = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
         params.append((path, nnx.Param.from_metadata(abstract, metadata)))
-        placed[_key(path)] = (shape, sharding)
+        placed[key_of(path)] = (shape, sharding)
     if missing:
         which = f"at {where!r}" if where else "(the target itself)"
         raise ValueError(
-            f"The optimizer {which} was saved training {_show(path_str(p) for p in trained)}, "
-            f"but `target` trains other parameters and holds no {_show(missing)} to rebuild its "
+            f"The optimizer {which} was saved training {show(path_str(p) for p in trained)}, "
+            f"but `target` trains other parameters and holds no {show(missing)} to rebuild its "
             "state from. Restore the optimizer together with its model: "
             "restore(directory, (model, optimizer))."
         )
     state = jax.eval_shape(opt.tx.init, nnx.from_flat_state(params))
-    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
     old = {
-        kp: leaf
-        for kp, leaf in jax.tree_util.tree_flatten_with_path(
-            nnx.as_pure(opt.opt_state), is_leaf=lambda x: x is None
-        )[0]
+        key_of(graphlib.jax_to_nnx_path(kp)): leaf
+        for kp, leaf in jax.tree_util.tree_flatten_with_path(nnx.as_pure(opt.opt_state))[0]
     }
-
-    def leaf_sharding(key_path: Any, shape: tuple[int, ...]) -> jax.sharding.Sharding:
-        key = _key(graphlib.jax_to_nnx_path(key_path))
-        for param, (param_shape, sharding) in placed.items():
-            if key[len(key) - len(param) :] == param and param_shape == shape and sharding:
-                return sharding
-        previous = old.get(key_path)
-        if isinstance(previous, jax.Array) and previous.shape == shape:
-            return previous.sharding
-        return _default_sharding()
 
     def convert(key_path: Any, x: Any) -> Any:
         value = x.get_raw_value() if isinstance(x, nnx.Variable) else x
-        abstract = jax.ShapeDtypeStruct(
-            value.shape, value.dtype, sharding=leaf_sharding(key_path, tuple(value.shape))
-        )
+        shape = tuple(value.shape)
+        key = key_of(graphlib.jax_to_nnx_path(key_path))
+        sharding = _state_sharding(key, shape, placed, old)
+        abstract = jax.ShapeDtypeStruct(shape, value.dtype, sharding=sharding)
         if isinstance(x, nnx.Variable):  # as flax's to_opt_state does, without re-sharding
             metadata = x.get_metadata()
             if "optimizer_sharding" in metadata:
@@ -977,7 +749,83 @@ def _rebuild_opt_state(
             return OptVariable.from_metadata(abstract, metadata)
         return OptArray(abstract)
 
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
     return jax.tree_util.tree_map_with_path(convert, state, is_leaf=is_var)
+
+
+def _opt_params(state: train_state.TrainState, params: Any) -> Any:
+    """What ``state.tx.init`` is given for ``params``: only the trainable part for ffl's."""
+    return trainable_tree(params) if isinstance(state, TrainState) else params
+
+
+def _box_changes(
+    node: Any,
+    to_box: Collection[Path],
+    to_unbox: Collection[Path],
+    to_param: Collection[Path] = (),
+) -> dict[Path, Any]:
+    """Replacements (for ``rebuild``) that re-type the values of ``node`` at those paths.
+
+    ``to_box``: into an ``ffl.FrozenBox`` (around their other boxes);
+    ``to_unbox``: out of it (their other boxes kept); ``to_param``: bare
+    pytree leaves into an ``ff.FrozenParam``.
+    """
+    new_at: dict[Path, Any] = {}
+    for entry in walk(node).entries:
+        if entry.variable is not None:
+            continue
+        path = entry.paths[0]
+        if path in to_box:
+            new_at[path] = FrozenBox(entry.box if entry.box is not None else entry.value)
+        elif path in to_unbox and entry.box is not None:
+            new_at[path] = strip_frozen(entry.box)
+        elif path in to_param:
+            new_at[path] = FrozenParam(entry.value)
+    return new_at
+
+
+@dataclass
+class _Retype:
+    """How the target changes to take the saved flags, worked out before anything changes."""
+
+    to_freeze: set[int] = field(default_factory=set)  # Param variables, by id
+    to_unfreeze: set[int] = field(default_factory=set)  # FrozenParam variables, by id
+    param_types: dict[int, type] = field(default_factory=dict)  # by variable id
+    trained_dtypes: dict[Key, np.dtype[Any] | None] = field(default_factory=dict)  # by entry key
+    to_box: set[Path] = field(default_factory=set)  # Linen values to put in an ffl.FrozenBox
+    to_unbox: set[Path] = field(default_factory=set)  # Linen boxes to take it off
+    to_param: set[Path] = field(default_factory=set)  # bare leaves to hold in an ff.FrozenParam
+
+
+def _linen_opt_state(
+    retype: _Retype, path: Path, state: train_state.TrainState, entries: list[Entry]
+) -> Any:
+    """Abstract ``opt_state`` of a TrainState for its parameters trainable when saved.
+
+    None when the saved flags train what the target trains. Each leaf is
+    placed like its parameter, else like the target's leaf at its path.
+    """
+    prefix, opt_prefix = (*path, "params"), (*path, "opt_state")
+    n, m = len(prefix), len(opt_prefix)
+    to_box = {p[n:] for p in retype.to_box if p[:n] == prefix}
+    to_unbox = {p[n:] for p in retype.to_unbox if p[:n] == prefix}
+    if not to_box and not to_unbox:
+        return None
+    params = rebuild(state.params, {}, _box_changes(state.params, to_box, to_unbox))
+    fresh = jax.eval_shape(lambda p: state.tx.init(_opt_params(state, p)), params)
+    placed = {
+        e.key[n:]: (shape_dtype(e.value)[0], _sharding(e))
+        for e in entries
+        if e.variable is None and e.paths[0][:n] == prefix
+    }
+    old = {e.key[m:]: e.value for e in entries if e.paths[0][:m] == opt_prefix}
+    new_at: dict[Path, Any] = {}
+    for entry in walk(fresh).entries:
+        shape, dtype = shape_dtype(entry.value)
+        sharding = _state_sharding(entry.key, shape, placed, old)
+        abstract = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+        new_at[entry.paths[0]] = abstract if entry.box is None else in_box(entry.box, abstract)
+    return rebuild(fresh, {}, new_at)
 
 
 @dataclass
@@ -985,18 +833,16 @@ class _Plan:
     """What restoring a checkpoint into a target does, worked out before anything changes."""
 
     layout: _Layout
-    flags: Flags | None
     chosen: dict[Key, Key]  # entry key -> stored key
     stored: dict[Key, _Stored]
     shardings: dict[Key, jax.sharding.Sharding | None]  # by stored key
     impls: dict[Key, str]  # PRNG key implementation by stored key
     dtypes: dict[Key, np.dtype[Any]]  # the dtype to read each stored array as
-    to_freeze: set[int] = field(default_factory=set)
-    to_freeze_leaves: set[Key] = field(default_factory=set)
-    to_unfreeze: set[int] = field(default_factory=set)
-    param_types: dict[int, type] = field(default_factory=dict)
-    trained_dtypes: dict[Key, np.dtype[Any] | None] = field(default_factory=dict)  # by entry key
-    optimizers: list[tuple[Optimizer[Any], Any, tuple[Path, ...]]] = field(default_factory=list)
+    retype: _Retype | None  # None: the target keeps its flags
+    optimizers: list[tuple[Optimizer[Any], Any, tuple[Path, ...]]]
+    # (path, abstract opt_state) of each Linen TrainState whose optimizer
+    # state is rebuilt for the parameters trainable when saved.
+    linen_states: list[tuple[Path, Any]]
 
     def state_args(self) -> ocp.args.PyTreeRestore:
         """The orbax ``PyTreeRestore`` args that read exactly the chosen arrays."""
@@ -1018,33 +864,35 @@ class _Plan:
         return ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True)
 
     def _retype(self, target: Any) -> Any:
-        """Re-types the target to the saved flags. Linen hook: boxes are re-typed here."""
-        if self.param_types:
-            variables = {id(e.variable): e.variable for e in _walk(target)[0]}
-            for variable_id, cls in self.param_types.items():
+        """Re-types the target to the saved flags; puts in rebuilt Linen optimizer states."""
+        node = target
+        retype = self.retype
+        if retype is not None and retype.param_types:
+            variables = {id(e.variable): e.variable for e in walk(target).entries}
+            for variable_id, cls in retype.param_types.items():
                 variable = variables.get(variable_id)
                 if variable is not None:
                     variable.set_metadata(PARAM_TYPE_KEY, cls)
-        node = target
-        if self.to_unfreeze:
-            ids = self.to_unfreeze
-            for entry in _walk(node)[0]:  # the value held frozen in a lower precision
+        if retype is not None and retype.to_unfreeze:
+            ids = retype.to_unfreeze
+            for entry in walk(node).entries:  # the value held frozen in a lower precision
                 variable = entry.variable
                 if id(variable) in ids and variable is not None:
                     trained_dtype = variable.get_metadata().get(TRAINED_DTYPE_KEY)
                     if trained_dtype is not None:
                         variable.del_metadata(TRAINED_DTYPE_KEY)
-                        shape, _ = _shape_dtype(entry.value)
+                        shape, _ = shape_dtype(entry.value)
                         variable.set_raw_value(jax.ShapeDtypeStruct(shape, trained_dtype))
             node = unfreeze(node, lambda _p, v: id(v) in ids, missing_ok=True)
-        if self.to_freeze or self.to_freeze_leaves:
-            ids, leaves = self.to_freeze, self.to_freeze_leaves
-            node = freeze(
-                node,
-                lambda p, v: id(v) in ids or _key(p) in leaves,
-                missing_ok=True,
-            )
-        return node
+        if retype is not None and retype.to_freeze:
+            ids = retype.to_freeze
+            node = freeze(node, lambda _p, v: id(v) in ids, missing_ok=True)
+        new_at: dict[Path, Any] = {}
+        if retype is not None:
+            new_at = _box_changes(node, retype.to_box, retype.to_unbox, retype.to_param)
+        for path, state in self.linen_states:
+            new_at[(*path, "opt_state")] = state
+        return rebuild(node, {}, new_at) if new_at else node
 
     def finish(self, target: T, restored: Mapping[str, Any]) -> T:
         """Re-types ``target``, rebuilds optimizer states, and fills in the restored arrays."""
@@ -1053,10 +901,10 @@ class _Plan:
         for opt, state, trained in self.optimizers:
             opt.opt_state = nnx.data(state)
             opt.trained_paths = trained
-        entries, _ = _walk(node)
+        trained_dtypes = self.retype.trained_dtypes if self.retype is not None else {}
         new_variables: dict[int, Any] = {}
-        new_leaves: dict[Path, Any] = {}
-        for entry in entries:
+        new_at: dict[Path, Any] = {}
+        for entry in walk(node).entries:
             stored_key = self.chosen.get(entry.key)
             if stored_key is None or stored_key not in arrays:
                 continue
@@ -1064,12 +912,12 @@ class _Plan:
             variable = entry.variable
             if variable is None:
                 for path in entry.paths:
-                    new_leaves[path] = value
+                    new_at[path] = value if entry.box is None else in_box(entry.box, value)
                 continue
             metadata = variable.get_metadata()
-            adjust = isinstance(variable, FrozenParam) and entry.key in self.trained_dtypes
+            adjust = isinstance(variable, FrozenParam) and entry.key in trained_dtypes
             if adjust:  # the precision it was trained in, as saved
-                trained_dtype = self.trained_dtypes[entry.key]
+                trained_dtype = trained_dtypes[entry.key]
                 metadata.pop(TRAINED_DTYPE_KEY, None)
                 if trained_dtype is not None:
                     metadata[TRAINED_DTYPE_KEY] = trained_dtype
@@ -1079,20 +927,44 @@ class _Plan:
             if adjust:
                 variable.set_metadata(metadata)
             variable.set_raw_value(value)
-        if new_variables or new_leaves:
-            node = replace(node, new_variables, new_leaves)
+        if new_variables or new_at:
+            node = rebuild(node, new_variables, new_at)
+        if self.retype is None and self.linen_states:
+            node = self._migrate(node)
         return node  # type: ignore[return-value]
+
+    def _migrate(self, node: Any) -> Any:
+        """With the target's flags: each rebuilt Linen optimizer state, migrated to them.
+
+        As ``ffl.TrainState.freeze``/``unfreeze`` do: state kept for the
+        parameters trainable both when saved and now, fresh for the others.
+        """
+        states = dict(walk(node).train_states)
+        new_at = {}
+        for path, _ in self.linen_states:
+            state = states[path]
+            params = _opt_params(state, state.params)
+            new_at[(*path, "opt_state")] = migrate_opt_state(state.tx, state.opt_state, params)
+        return rebuild(node, {}, new_at)
 
 
 def _from_stored(target_value: Any, data: Any, impl: str | None) -> Any:
-    shape, dtype = _shape_dtype(target_value)
-    if _is_key(dtype) and not _is_key(data.dtype):  # orbax gives keys it saved itself as keys
-        return jax.random.wrap_key_data(data, impl=impl or _key_impl(target_value))
+    shape, dtype = shape_dtype(target_value)
+    if is_key(dtype) and not is_key(data.dtype):  # orbax gives keys it saved itself as keys
+        return jax.random.wrap_key_data(data, impl=impl or key_impl(target_value))
     if isinstance(target_value, bool | int | float):
         return type(target_value)(np.asarray(data).item())
     if isinstance(target_value, np.generic):
         return np.asarray(data)[()]
     return data
+
+
+def _candidates(entry: Entry, stored: Mapping[Key, _Stored]) -> list[Key]:
+    """The stored keys of an entry: any of its paths, or that path plus ``value``.
+
+    (Plain orbax checkpoints of ``nnx.state`` store a variable under ``.../value``.)
+    """
+    return [c for k in entry.keys() for c in (k, (*k, "value")) if c in stored]
 
 
 def _plan(layout: _Layout, target: Any, flags: str, partial: bool) -> _Plan:
@@ -1104,17 +976,18 @@ def _plan(layout: _Layout, target: Any, flags: str, partial: bool) -> _Plan:
         )
     stored, saved = _read(layout)
     where = str(layout.root)
-    entries, optimizers = _walk(target)
-    entries = [e for e in entries if _is_tree_leaf(e.value)]
+    walked = walk(target)
+    entries = [e for e in walked.entries if is_tree_leaf(e.value)]
     if not entries:
         raise ValueError(
             f"`target` holds no arrays to restore into: got {type(target).__name__} "
             f"{target!r:.200}. Pass a module, an optimizer, or a pytree of them or of arrays "
             "(concrete, or abstract from nnx.eval_shape)."
         )
+    retype = _plan_retype(saved, entries, stored) if saved is not None else None
     # Optimizers are given the state structure they had when saved.
     rebuilt: list[tuple[Optimizer[Any], Any, tuple[Path, ...]]] = []
-    for opt_path, opt in optimizers:
+    for opt_path, opt in walked.optimizers:
         trained = saved.optimizers.get(path_str(opt_path)) if saved else None
         if trained is None or set(trained) == set(opt.trained_paths):
             continue
@@ -1122,106 +995,150 @@ def _plan(layout: _Layout, target: Any, flags: str, partial: bool) -> _Plan:
         prefix = (*opt_path, "opt_state")
         n = len(prefix)
         entries = [e for e in entries if not any(p[:n] == prefix for p in e.paths)]
-        entries += _walk(state, prefix, in_module=True, in_optimizer=True)[0]
+        entries += walk(state, prefix, in_module=True, in_optimizer=True).entries
         rebuilt.append((opt, state, trained))
-    # Match every target entry with a stored array: by any of its paths, or
-    # that path plus "value" (plain orbax checkpoints of nnx.state).
+    # So are Linen train states (with the target's flags, they migrate it afterwards).
+    linen_states: list[tuple[Path, Any]] = []
+    for ts_path, ts in walked.train_states:
+        state = _linen_opt_state(retype, ts_path, ts, entries) if retype else None
+        if state is None:
+            continue
+        prefix = (*ts_path, "opt_state")
+        n = len(prefix)
+        entries = [e for e in entries if not any(p[:n] == prefix for p in e.paths)]
+        entries += walk(state, prefix, linen="state").entries
+        linen_states.append((ts_path, state))
+    # Match every target entry with a stored array.
     chosen: dict[Key, Key] = {}
     consumed: set[Key] = set()
-    missing: list[_Entry] = []
+    missing: list[Entry] = []
     mismatched: list[str] = []
     shardings: dict[Key, jax.sharding.Sharding | None] = {}
     impls: dict[Key, str] = {}
     dtypes: dict[Key, np.dtype[Any]] = {}
     for entry in entries:
-        candidates = [c for k in entry.keys() for c in (k, (*k, "value")) if c in stored]
+        candidates = _candidates(entry, stored)
         if not candidates:
             missing.append(entry)
             continue
         consumed.update(candidates)
         key = candidates[0]
         chosen[entry.key] = key
-        impl = saved.keys.get(_join(key)) if saved else None
-        dtype = _related_dtype(entry, stored[key], saved, _join(key), flags)
+        impl = saved.keys.get(join(key)) if saved else None
+        dtype = _related_dtype(entry, stored[key], saved, join(key), flags)
         problem = None if dtype is not None else _mismatch(entry.value, stored[key], impl)
         if problem:
-            mismatched.append(f"{_join(key)} ({problem})")
+            mismatched.append(f"{join(key)} ({problem})")
             continue
         dtypes[key] = dtype if dtype is not None else stored[key].dtype  # type: ignore[assignment]
         shardings[key] = _sharding(entry)
         if impl:
             impls[key] = impl
-    unused = [_join(k) for k in stored if k not in consumed]
+    unused = [join(k) for k in stored if k not in consumed]
     if mismatched:
         raise ValueError(
             f"Checkpoint {where!r} does not fit `target` ({type(target).__name__}): shapes or "
-            f"dtypes differ at {len(mismatched)} path(s): {_show(mismatched)}. Build the target "
+            f"dtypes differ at {len(mismatched)} path(s): {show(mismatched)}. Build the target "
             "with the shapes and dtypes it was saved with."
         )
-    missing_paths = [_join(e.key) for e in missing]
+    missing_paths = [join(e.key) for e in missing]
     if missing or unused:
         if not partial:
             raise ValueError(
                 f"Checkpoint {where!r} and `target` ({type(target).__name__}) hold different "
-                f"paths. Missing from the checkpoint: {_show(missing_paths)}; not in the target: "
-                f"{_show(unused)}. Pass partial=True to restore the paths that match and "
+                f"paths. Missing from the checkpoint: {show(missing_paths)}; not in the target: "
+                f"{show(unused)}. Pass partial=True to restore the paths that match and "
                 "leave the rest as they are."
             )
         if not chosen:
             raise ValueError(
                 f"No path of `target` ({type(target).__name__}) is in checkpoint {where!r}, "
-                f"even with partial=True. The target's paths: {_show(missing_paths)}; the "
-                f"checkpoint's: {_show(unused)}."
+                f"even with partial=True. The target's paths: {show(missing_paths)}; the "
+                f"checkpoint's: {show(unused)}."
             )
-        abstract = [_join(e.key) for e in missing if isinstance(e.value, jax.ShapeDtypeStruct)]
+        abstract = [join(e.key) for e in missing if isinstance(e.value, jax.ShapeDtypeStruct)]
         if abstract:
             raise ValueError(
                 f"partial=True would leave abstract values of `target` unfilled at "
-                f"{_show(abstract)}: checkpoint {where!r} does not hold them. Restore into a "
+                f"{show(abstract)}: checkpoint {where!r} does not hold them. Restore into a "
                 "concrete target (built normally), whose values stay where the checkpoint "
                 "has none."
             )
         warnings.warn(
             PartialRestoreWarning(
                 f"Restored {len(chosen)} path(s) from checkpoint {where!r}. Left as they were "
-                f"(missing from the checkpoint): {_show(missing_paths)}; ignored (not in the "
-                f"target): {_show(unused)}."
+                f"(missing from the checkpoint): {show(missing_paths)}; ignored (not in the "
+                f"target): {show(unused)}."
             ),
             stacklevel=3,
         )
-    plan = _Plan(layout, saved, chosen, stored, shardings, impls, dtypes, optimizers=rebuilt)
-    if flags == "checkpoint" and saved is not None:
-        _plan_retype(plan, saved, entries)
-    return plan
+    return _Plan(
+        layout,
+        chosen,
+        stored,
+        shardings,
+        impls,
+        dtypes,
+        retype if flags == "checkpoint" else None,
+        rebuilt,
+        linen_states,
+    )
 
 
-def _plan_retype(plan: _Plan, saved: Flags, entries: list[_Entry]) -> None:
+def _plan_retype(saved: Flags, entries: list[Entry], stored: Mapping[Key, _Stored]) -> _Retype:
+    """How each entry of the target that the checkpoint holds changes to take the saved flags."""
+    retype = _Retype()
     for entry in entries:
-        key = plan.chosen.get(entry.key)
-        if key is None:
+        candidates = _candidates(entry, stored)
+        if not candidates:
             continue
-        name, variable = _join(key), entry.variable
-        has_type = variable is not None and PARAM_TYPE_KEY in variable.get_metadata()
+        name, variable = join(candidates[0]), entry.variable
         if name in saved.frozen:
             trained_dtype = saved.trained_dtypes.get(name)
-            plan.trained_dtypes[entry.key] = np.dtype(trained_dtype) if trained_dtype else None
+            retype.trained_dtypes[entry.key] = np.dtype(trained_dtype) if trained_dtype else None
+        if variable is None:
+            _plan_retype_value(retype, saved, entry, name)
+            continue
+        has_type = PARAM_TYPE_KEY in variable.get_metadata()
+        if name in saved.frozen:
             if isinstance(variable, nnx.Param):
-                plan.to_freeze.add(id(variable))
-            elif variable is None and is_raw_trainable(entry.value):
-                plan.to_freeze_leaves.add(entry.key)
+                retype.to_freeze.add(id(variable))
             elif isinstance(variable, FrozenParam) and not has_type:
                 cls = _param_class(saved.param_types.get(name))
                 if cls is not None and cls is not nnx.Param:
-                    plan.param_types[id(variable)] = cls
+                    retype.param_types[id(variable)] = cls
         elif name in saved.trainable and isinstance(variable, FrozenParam):
-            plan.to_unfreeze.add(id(variable))
+            retype.to_unfreeze.add(id(variable))
             cls = _param_class(saved.types.get(name))
             if not has_type and cls is not None and (cls is not nnx.Param or not entry.in_module):
-                plan.param_types[id(variable)] = cls
+                retype.param_types[id(variable)] = cls
+    return retype
+
+
+def _plan_retype_value(retype: _Retype, saved: Flags, entry: Entry, name: str) -> None:
+    """How a bare value or a Linen box chain changes to take its saved flag.
+
+    Only parameters change: values outside NNX modules (whose state is their
+    variables) and outside Linen state collections. A Linen parameter is
+    frozen by an ``ffl.FrozenBox``, and so is a bare value the checkpoint held
+    in boxes; any other bare value by an ``ff.FrozenParam``.
+    """
+    if entry.in_module or entry.linen in ("state", "frozen"):
+        return
+    path = entry.paths[0]
+    if entry.box is not None and is_frozen_box(entry.box):
+        if name in saved.trainable:
+            retype.to_unbox.add(path)
+    elif name in saved.frozen and is_inexact(entry.value):
+        linen = entry.box is not None or entry.linen == "params"
+        if linen or saved.types.get(name) not in (None, _qualname(FrozenParam)):
+            retype.to_box.add(path)
+        else:
+            retype.to_param.add(path)
 
 
 def _related_dtype(
-    entry: _Entry, stored: _Stored, saved: Flags | None, name: str, flags: str
+    entry: Entry, stored: _Stored, saved: Flags | None, name: str, flags: str
 ) -> np.dtype[Any] | None:
     """The dtype to read an array as when it differs from the target's by a frozen precision.
 
@@ -1231,8 +1148,8 @@ def _related_dtype(
     to it), with ``flags="target"`` the array is cast to the target's dtype.
     None: no such relation (the dtypes must then be equal).
     """
-    shape, dtype = _shape_dtype(entry.value)
-    if stored.shape != shape or stored.dtype is None or _is_key(dtype):
+    shape, dtype = shape_dtype(entry.value)
+    if stored.shape != shape or stored.dtype is None or is_key(dtype):
         return None
     dtype = np.dtype(dtype)
     if stored.dtype == dtype:
@@ -1250,9 +1167,9 @@ def _related_dtype(
 
 def _mismatch(value: Any, stored: _Stored, impl: str | None) -> str | None:
     """Why a stored array cannot fill ``value``; None if it can."""
-    shape, dtype = _shape_dtype(value)
-    if _is_key(dtype):
-        target_impl = _key_impl(value)
+    shape, dtype = shape_dtype(value)
+    if is_key(dtype):
+        target_impl = key_impl(value)
         expected = _describe(shape, f"key<{target_impl}>")
         data_shape, data_dtype = _key_data_shape(value)
         fits = stored.shape == data_shape and stored.dtype == data_dtype
@@ -1262,6 +1179,12 @@ def _mismatch(value: Any, stored: _Stored, impl: str | None) -> str | None:
         expected = _describe(shape, np.dtype(dtype).name)
         if impl is None and stored.shape == shape and stored.dtype == np.dtype(dtype):
             return None
+        # A Python number takes a stored scalar of its kind in any precision
+        # (one saved with x64 enabled, or by an earlier version, is float64).
+        number = is_python_number(value) and impl is None
+        if number and stored.shape == () and stored.dtype is not None:
+            if stored.dtype.kind == np.dtype(dtype).kind:
+                return None
     if stored.shape is None or stored.dtype is None:
         return f"checkpoint holds no array there, target {expected}"
     if impl is None:
@@ -1318,6 +1241,7 @@ def _step_directory(
     root: epath.Path, step: int | None, argname: str = "source"
 ) -> tuple[epath.Path, int]:
     """The directory of a finished step of a CheckpointManager directory (default: the latest)."""
+    root = _absolute(root)
     paths = {
         ocp.step.step_from_checkpoint_name(p.name): p for p in ocp.step.checkpoint_steps_paths(root)
     }
@@ -1381,10 +1305,10 @@ def restore_args(
         (5, 'FrozenParam', [1.0, 1.0])
     """
     if isinstance(source, ocp.CheckpointManager):
-        directory, step = _step_directory(epath.Path(source.directory), step)
+        directory, step = _step_directory(_absolute(source.directory), step)
         argname = "source"
     else:
-        directory, step, argname = epath.Path(source), None, "source"
+        directory, step, argname = _absolute(source), None, "source"
     layout = _locate(directory, argname)
     if layout.item != STATE:
         raise ValueError(
@@ -1406,8 +1330,8 @@ def restore(
 
     ``target`` gives the structure, shapes, dtypes and shardings: a module, an
     ``ff.Optimizer``, a pytree of them (``model, opt = restore(dir, (model,
-    opt))``) or a pytree of arrays; concrete, or abstract from
-    ``nnx.eval_shape``. Every array is read onto its target's sharding: a
+    opt))``), a pytree of arrays, or Linen state; concrete, or abstract from
+    ``nnx.eval_shape`` or ``jax.eval_shape``. Every array is read onto its target's sharding: a
     concrete array's own, an abstract one's ``sharding``, or, where
     ``nnx.eval_shape`` dropped it, the variable's ``out_sharding`` metadata on
     its ``mesh`` (or the mesh in context). An abstract mesh is made concrete
@@ -1424,6 +1348,15 @@ def restore(
     the target's parameters of the same paths: restore an optimizer together
     with its model.
 
+    Linen: with ``flags="checkpoint"`` a parameter saved frozen gets an
+    ``ffl.FrozenBox`` and one saved trainable loses it (``nn.Partitioned``
+    and other boxes stay), and each ``ffl.TrainState`` gets the ``opt_state``
+    structure of the parameters trainable when saved (``tx.init`` of them)
+    and the saved values, so it resumes bit-exactly. With ``flags="target"``
+    its boxes stay, and the saved ``opt_state`` is migrated to them as
+    ``ffl.TrainState.freeze``/``unfreeze`` would (fresh state for parameters
+    trainable only now).
+
     Modules and optimizers (concrete or abstract) are filled in place; pytrees
     are immutable and come back rebuilt. Use the return value.
 
@@ -1431,7 +1364,8 @@ def restore(
         directory: a checkpoint written by :func:`save`, by
             ``CheckpointManager.save`` with :func:`save_args` (one step's
             directory), or by plain orbax (``ocp.StandardCheckpointer`` or a
-            Composite with a ``state`` or ``default`` item).
+            Composite with a ``state`` or ``default`` item). A relative path
+            is taken from the working directory.
         target: what to restore into.
         flags: ``"checkpoint"`` or ``"target"``: whose frozen flags win.
         partial: restore the paths that exist in both and leave the rest: the
@@ -1461,6 +1395,21 @@ def restore(
         >>> restored = ff.checkpoint.restore(directory, abstract)
         >>> type(restored.kernel).__name__, bool((restored.kernel[...] == model.kernel[...]).all())
         ('FrozenParam', True)
+
+        A Linen ``TrainState`` created with nothing frozen takes the saved flags:
+
+        >>> import jax, jax.numpy as jnp, optax
+        >>> import flax.linen as nn
+        >>> from flax_freeze import linen as ffl
+        >>> net = nn.Dense(3)
+        >>> params = net.init(jax.random.key(0), jnp.ones((1, 2)))["params"]
+        >>> def state(params):
+        ...     return ffl.TrainState.create(apply_fn=net.apply, params=params, tx=optax.adam(0.1))
+        >>> directory = os.path.join(tempfile.mkdtemp(), "linen")
+        >>> ff.checkpoint.save(directory, state(ffl.freeze(params, "kernel")))
+        >>> restored = ff.checkpoint.restore(directory, state(params))
+        >>> type(restored.params["kernel"]).__name__, restored.opt_state[0].mu["kernel"]
+        ('FrozenBox', None)
     """
     layout = _locate(directory)
     plan = _plan(layout, target, flags, partial)
@@ -1620,7 +1569,7 @@ def describe(directory: str | epath.PathLike) -> Description:
     for key, meta in stored.items():
         if meta.shape is None or meta.dtype is None:
             continue
-        name = _join(key)
+        name = join(key)
         count = math.prod(meta.shape)
         if flags is None:
             type_name, status = "-", "unknown"

@@ -6,6 +6,7 @@ import os
 import pickle
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -898,6 +899,115 @@ def test_forced_save_killed_mid_write_keeps_the_previous_checkpoint(tmp_path):
     ff.checkpoint.save(path, state_like(out, 3.0), force=True)  # cleans up and replaces
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert float(ff.checkpoint.restore(path, small_target())["big"][0][0, 0]) == 3.0
+
+
+# --- relative paths, Python numbers, several processes ----------------------------------
+
+
+def test_relative_directories_everywhere(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    tree = {"a": jnp.ones(3), "b": ff.FrozenParam(jnp.zeros(2))}
+    target = {"a": jnp.zeros(3), "b": jnp.ones(2)}
+    ff.checkpoint.save("ckpt", tree)
+    ff.checkpoint.save(Path("ckpt"), tree, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert ff.checkpoint.read_flags("ckpt").frozen == {"b"}
+    assert isinstance(ff.checkpoint.restore("ckpt", target)["b"], ff.FrozenParam)
+    assert ff.checkpoint.describe("ckpt").directory == str(tmp_path / "ckpt")
+    args = ff.checkpoint.restore_args("ckpt", target)
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        out = args.finish(checkpointer.restore(tmp_path / "ckpt", args=args))
+    assert out["a"].tolist() == [1.0] * 3
+    with ocp.CheckpointManager(tmp_path / "m") as mngr:
+        mngr.save(7, args=ff.checkpoint.save_args(tree))
+    assert cli(["inspect", "ckpt"]) == 0
+    assert capsys.readouterr().out.startswith(f"{tmp_path / 'ckpt'}: flax_freeze flags\n")
+    assert cli(["inspect", "m"]) == 0
+    assert capsys.readouterr().out.startswith(f"step 7\n{tmp_path / 'm' / '7'}: ")
+
+
+def test_python_numbers_are_stored_as_jax_computes_them(tmp_path):
+    tree = {"lr": 0.1, "step": 3, "done": True, "w": jnp.ones(2)}
+    ff.checkpoint.save(tmp_path / "ckpt", tree)
+    arrays = ff.checkpoint.read_flags(tmp_path / "ckpt").arrays
+    assert arrays["lr"] == ((), "float32")
+    assert arrays["step"] == ((), "int32")
+    assert arrays["done"] == ((), "bool")
+    # An abstract target from jax.eval_shape holds the same dtypes.
+    out = ff.checkpoint.restore(tmp_path / "ckpt", jax.eval_shape(lambda: tree))
+    assert out["lr"].dtype == jnp.float32
+    assert float(out["lr"]) == float(np.float32(0.1))
+    assert out["step"].dtype == jnp.int32
+    assert int(out["step"]) == 3
+    # A concrete target gets Python numbers back, as they were computed in float32.
+    out = ff.checkpoint.restore(
+        tmp_path / "ckpt", {"lr": 0.0, "step": 0, "done": False, "w": tree["w"]}
+    )
+    assert out["lr"] == float(np.float32(0.1))
+    assert type(out["step"]) is int
+    assert out["done"] is True
+    # Integers too large for int32 are kept exact; float64 scalars fill Python floats.
+    ff.checkpoint.save(tmp_path / "wide", {"n": 2**40, "x": np.float64(0.1)})
+    assert ff.checkpoint.read_flags(tmp_path / "wide").arrays["n"] == ((), "int64")
+    assert ff.checkpoint.restore(tmp_path / "wide", {"n": 0, "x": 0.5}) == {"n": 2**40, "x": 0.1}
+
+
+PROCESS = """
+import sys
+import jax
+import numpy as np
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"localhost:{sys.argv[1]}", 2, int(sys.argv[2]))
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+import flax_freeze as ff
+
+mesh = jax.make_mesh((2,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+everywhere = NamedSharding(mesh, PartitionSpec())
+def replicated(value):
+    a = np.asarray(value)
+    return jax.make_array_from_callback(a.shape, everywhere, lambda i: a[i])
+path = sys.argv[3]
+for value in (1.0, 2.0, 3.0):
+    tree = {"w": replicated(np.full(3, value)), "b": ff.FrozenParam(replicated(np.full(2, value)))}
+    ff.checkpoint.save(path, tree, force=True)
+    out = ff.checkpoint.restore(path, {"w": replicated(np.zeros(3)), "b": replicated(np.zeros(2))})
+    assert isinstance(out["b"], ff.FrozenParam), out
+    assert float(out["w"].addressable_data(0)[0]) == value, out
+print("restored", jax.process_index())
+"""
+
+
+def test_forced_saves_from_two_processes(tmp_path):
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    path = tmp_path / "ckpt"
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", PROCESS, str(port), str(i), str(path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        outs = [w.communicate(timeout=120) for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    for i, (w, (out, err)) in enumerate(zip(workers, outs, strict=True)):
+        assert w.returncode == 0, err[-3000:]
+        assert f"restored {i}" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert (
+        ff.checkpoint.restore(path, {"w": jnp.zeros(3), "b": jnp.zeros(2)})["w"].tolist()
+        == [3.0] * 3
+    )
 
 
 # --- inspect / describe / command line ----------------------------------------------------

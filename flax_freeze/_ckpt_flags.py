@@ -1,0 +1,182 @@
+"""The ``flags`` item of a checkpoint: what it records, as JSON, and its validation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ._filters import Path, path_str
+
+#: The ``format`` entry of a flags item written by ``ff.checkpoint``.
+FORMAT = "flax_freeze.checkpoint"
+VERSION = 1
+_SHOWN = 8
+
+
+def show(paths: Iterable[str]) -> str:
+    """A sorted list of paths for a message: the first few, then how many in all."""
+    items = sorted(set(paths))
+    shown = ", ".join(items[:_SHOWN])
+    if len(items) > _SHOWN:
+        shown += f", ... ({len(items)} in all)"
+    return f"[{shown}]"
+
+
+@dataclass(frozen=True)
+class Flags:
+    """What a checkpoint's ``flags`` item records. Paths are ``'/'``-joined.
+
+    Attributes:
+        frozen: paths of the frozen parameters: ``ff.FrozenParam`` values,
+            Linen parameters in an ``ffl.FrozenBox``, and the Linen
+            ``frozen_params`` collection.
+        trainable: paths of the trainable parameters: ``nnx.Param`` values,
+            unboxed Linen parameters, and the inexact leaves of other pytrees.
+        types: for each saved variable, the module-qualified name of its type;
+            for each Linen parameter in boxes, its outer box's type (e.g.
+            ``flax_freeze._boxes.FrozenBox``).
+        param_types: for each frozen parameter whose trainable type is not
+            ``nnx.Param``, that type's qualified name (e.g. ``nnx.LoRAParam``).
+        keys: for each saved PRNG key array, its implementation
+            (``"threefry2x32"``); the key data is what is stored.
+        optimizers: for each ``ff.Optimizer`` (by its path in the saved node,
+            ``""`` for the node itself), the parameter paths it trained.
+        arrays: for each stored array, its shape and dtype name, so that a
+            restore checks them without opening any array.
+        trained_dtypes: for each parameter frozen in a lower precision
+            (``ff.freeze(..., dtype=...)``), the dtype it was trained in.
+    """
+
+    frozen: frozenset[str] = frozenset()
+    trainable: frozenset[str] = frozenset()
+    types: Mapping[str, str] = field(default_factory=dict)
+    param_types: Mapping[str, str] = field(default_factory=dict)
+    keys: Mapping[str, str] = field(default_factory=dict)
+    optimizers: Mapping[str, tuple[Path, ...]] = field(default_factory=dict)
+    arrays: Mapping[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)
+    trained_dtypes: Mapping[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON item, as stored."""
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "frozen": sorted(self.frozen),
+            "trainable": sorted(self.trainable),
+            "types": dict(sorted(self.types.items())),
+            "param_types": dict(sorted(self.param_types.items())),
+            "keys": dict(sorted(self.keys.items())),
+            "optimizers": {
+                name: [list(path) for path in paths] for name, paths in self.optimizers.items()
+            },
+            "arrays": {
+                name: {"shape": list(shape), "dtype": dtype}
+                for name, (shape, dtype) in sorted(self.arrays.items())
+            },
+            "trained_dtypes": dict(sorted(self.trained_dtypes.items())),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, where: str, stored: Iterable[str] | None) -> Flags:
+        """Validates a flags item read from ``where`` against the stored paths.
+
+        With ``stored`` None, the paths of its ``arrays`` entry are the stored ones.
+        """
+
+        def bad(problem: str) -> ValueError:
+            return ValueError(
+                f"The flags item of checkpoint {where!r} {problem}. It was not written "
+                "by ff.checkpoint.save, or was edited or damaged; restore its arrays "
+                "with plain orbax (ocp.StandardCheckpointer) if you need them."
+            )
+
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise bad(f"is not a flax_freeze flags item (format {_get(data, 'format')!r})")
+        version = data.get("version")
+        if not isinstance(version, int) or version > VERSION or version < 1:
+            raise bad(f"has version {version!r}; this flax_freeze reads version {VERSION}")
+
+        def strings(name: str) -> list[str]:
+            value = data.get(name, [])
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise bad(f"has a malformed {name!r} entry: {value!r:.200}")
+            return value
+
+        def mapping(name: str) -> dict[str, str]:
+            value = data.get(name, {})
+            if not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+            ):
+                raise bad(f"has a malformed {name!r} entry: {value!r:.200}")
+            return value
+
+        optimizers: dict[str, tuple[Path, ...]] = {}
+        raw = data.get("optimizers", {})
+        if not isinstance(raw, dict):
+            raise bad(f"has a malformed 'optimizers' entry: {raw!r:.200}")
+        for name, paths in raw.items():
+            ok = isinstance(paths, list) and all(
+                isinstance(p, list)
+                and all(isinstance(k, str | int) and not isinstance(k, bool) for k in p)
+                for p in paths
+            )
+            if not ok:
+                raise bad(f"has a malformed 'optimizers' entry for {name!r}: {paths!r:.200}")
+            optimizers[name] = tuple(sorted((tuple(p) for p in paths), key=path_str))
+        arrays: dict[str, tuple[tuple[int, ...], str]] = {}
+        raw = data.get("arrays", {})
+        if not isinstance(raw, dict):
+            raise bad(f"has a malformed 'arrays' entry: {raw!r:.200}")
+        for name, spec in raw.items():
+            shape = spec.get("shape") if isinstance(spec, dict) else None
+            dtype = spec.get("dtype") if isinstance(spec, dict) else None
+            if (
+                not isinstance(shape, list)
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+                or not isinstance(dtype, str)
+                or not _is_dtype(dtype)
+            ):
+                raise bad(f"has a malformed 'arrays' entry for {name!r}: {spec!r:.200}")
+            arrays[name] = (tuple(shape), dtype)
+        flags = cls(
+            frozenset(strings("frozen")),
+            frozenset(strings("trainable")),
+            mapping("types"),
+            mapping("param_types"),
+            mapping("keys"),
+            optimizers,
+            arrays,
+            mapping("trained_dtypes"),
+        )
+        bad_dtypes = {k: v for k, v in flags.trained_dtypes.items() if not _is_dtype(v)}
+        if bad_dtypes:
+            raise bad(f"has a malformed 'trained_dtypes' entry: {bad_dtypes!r:.200}")
+        stored = set(arrays) if stored is None else set(stored)
+        named = flags.frozen | flags.trainable | set(flags.types) | set(flags.keys)
+        unknown = named - stored
+        if unknown:
+            raise bad(f"names paths that are not in its state item: {show(unknown)}")
+        for name, entry in (("types", flags.param_types), ("dtypes", flags.trained_dtypes)):
+            extra = set(entry) - flags.frozen
+            if extra:
+                raise bad(f"gives trainable {name} for paths that are not frozen: {show(extra)}")
+        if flags.frozen & flags.trainable:
+            raise bad(
+                f"lists paths as both frozen and trainable: {show(flags.frozen & flags.trainable)}"
+            )
+        return flags
+
+
+def _is_dtype(name: str) -> bool:
+    try:
+        np.dtype(name)
+    except TypeError:
+        return False
+    return True
+
+
+def _get(data: Any, name: str) -> Any:
+    return data.get(name) if isinstance(data, dict) else type(data).__name__

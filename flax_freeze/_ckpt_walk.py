@@ -1,0 +1,301 @@
+"""What a checkpoint sees in a node: its entries and their flags, and putting values back.
+
+An entry is one stored value: an NNX variable (with every path it is
+reachable by), a bare array or number of a pytree, or a Linen parameter in
+boxes (``ffl.FrozenBox``, ``nn.Partitioned``...), stored unboxed under the
+parameter's own path.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeGuard
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax.core import meta
+from flax.nnx import graphlib
+from flax.training import train_state
+
+from ._boxes import PARAMS, is_frozen_box, is_variables_dict
+from ._filters import Path
+from ._optimizer import Optimizer
+from ._retype import is_raw_trainable
+from ._variables import FrozenParam
+
+Key = tuple[str, ...]
+#: Where an entry sits in Linen state: a ``params`` collection (trainable
+#: unless boxed frozen), the ``frozen_params`` collection, or other state
+#: (other collections; a TrainState's step, optimizer state and extra fields).
+#: None: not in Linen state.
+Linen = Literal["params", "frozen", "state"] | None
+FROZEN_PARAMS = "frozen_params"
+
+
+def key_of(path: Iterable[Any]) -> Key:
+    """A path with its parts as strings, as stored."""
+    return tuple(str(k) for k in path)
+
+
+def join(key: Iterable[str]) -> str:
+    """The ``'/'``-joined name of a path, as the flags record it."""
+    return "/".join(key)
+
+
+def is_number(x: Any) -> bool:
+    """A Python or NumPy number (or bool)."""
+    if isinstance(x, bool | int | float):
+        return True
+    return isinstance(x, np.generic) and (
+        np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.bool_)
+    )
+
+
+def is_module_leaf(x: Any) -> bool:
+    """State inside an NNX module, as ``nnx.state`` sees it: arrays (or their abstract form)."""
+    return isinstance(x, jax.Array | np.ndarray | jax.ShapeDtypeStruct)
+
+
+def is_tree_leaf(x: Any) -> bool:
+    """State in a plain pytree: arrays and Python or NumPy numbers."""
+    return is_module_leaf(x) or is_number(x)
+
+
+def is_inexact(x: Any) -> bool:
+    """Whether a bare value could be trained: an inexact array, concrete or abstract, or a float."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return bool(jnp.issubdtype(x.dtype, jnp.inexact))
+    return is_raw_trainable(x)
+
+
+def is_python_number(x: Any) -> TypeGuard[bool | int | float]:
+    """A Python ``bool``, ``int`` or ``float``; not a NumPy scalar (``np.float64`` is a float)."""
+    return isinstance(x, bool | int | float) and not isinstance(x, np.generic)
+
+
+def number_dtype(x: bool | int | float) -> np.dtype[Any]:
+    """The dtype JAX computes a Python number in (``float32`` and ``int32`` unless x64 is on)."""
+    dtype = np.dtype(jax.dtypes.canonicalize_dtype(np.result_type(x)))
+    if dtype.kind == "i" and not np.iinfo(dtype).min <= x <= np.iinfo(dtype).max:
+        return np.dtype(np.result_type(x))  # too large for int32: kept exact
+    return dtype
+
+
+def shape_dtype(value: Any) -> tuple[tuple[int, ...], Any]:
+    """Shape and dtype of an array, an abstract array or a number."""
+    if isinstance(value, jax.Array | np.ndarray | jax.ShapeDtypeStruct):
+        return tuple(value.shape), value.dtype
+    if is_python_number(value):
+        return (), number_dtype(value)
+    array = np.asarray(value)
+    return tuple(array.shape), array.dtype
+
+
+def is_key(dtype: Any) -> bool:
+    """Whether ``dtype`` is a PRNG key dtype."""
+    return jnp.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def key_impl(value: Any) -> str:
+    """The implementation name of a PRNG key array, concrete or abstract."""
+    if isinstance(value, jax.Array):
+        return str(jax.random.key_impl(value))
+    names: list[str] = []
+
+    def probe(key: jax.Array) -> jax.Array:
+        names.append(str(jax.random.key_impl(key)))
+        return key
+
+    jax.eval_shape(probe, value)
+    return names[0]
+
+
+def is_box_chain(x: Any) -> bool:
+    """A Linen parameter in boxes: ``AxisMetadata`` boxes around one array or number."""
+    if not isinstance(x, meta.AxisMetadata):
+        return False
+    leaves = jax.tree_util.tree_leaves(x)
+    return len(leaves) == 1 and is_tree_leaf(leaves[0])
+
+
+def in_box(box: Any, value: Any) -> Any:
+    """The box chain ``box`` holding ``value`` in place of its array; every box is kept.
+
+    It rebuilds the chain from its pytree structure: a box's ``unbox`` may
+    compute (``nn.Partitioned`` adds a sharding constraint under a mesh).
+    """
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(box), [value])
+
+
+@dataclass
+class Entry:
+    """One saved value: a variable (every path it is reachable by), a bare leaf, or boxes."""
+
+    paths: list[Path]
+    value: Any  # the array or number; unboxed for a box chain
+    variable: nnx.Variable | None = None
+    in_module: bool = False
+    in_optimizer: bool = False
+    box: Any = None  # the Linen box chain that holds ``value``
+    linen: Linen = None
+
+    @functools.cached_property
+    def path(self) -> Path:
+        """The path it is stored under: the least of its paths (read once walked)."""
+        return min(self.paths, key=key_of)
+
+    @functools.cached_property
+    def key(self) -> Key:
+        """``path`` as stored."""
+        return key_of(self.path)
+
+    def keys(self) -> list[Key]:
+        """Every path, as stored, sorted."""
+        return sorted({key_of(p) for p in self.paths})
+
+
+@dataclass
+class Walked:
+    """A walked node: its entries, ``ff.Optimizer`` nodes and Linen train states, by path."""
+
+    entries: list[Entry]
+    optimizers: list[tuple[Path, Optimizer[Any]]] = field(default_factory=list)
+    train_states: list[tuple[Path, train_state.TrainState]] = field(default_factory=list)
+
+
+def _child_linen(parent: Any, key: Any, child: Any, linen: Linen) -> Linen:
+    """Where a child of ``parent`` sits in Linen state."""
+    if isinstance(parent, train_state.TrainState):
+        if key != PARAMS:
+            return "state"
+        return None if is_variables_dict(child) else "params"
+    if linen is None and is_variables_dict(parent):
+        if key == PARAMS:
+            return "params"
+        return "frozen" if key == FROZEN_PARAMS else "state"
+    return linen
+
+
+def walk(
+    node: Any,
+    prefix: Path = (),
+    in_module: bool = False,
+    in_optimizer: bool = False,
+    linen: Linen = None,
+) -> Walked:
+    """Walks ``node`` the way NNX does: its saved entries, optimizers and train states.
+
+    A tied variable is one entry with several paths. Variables holding None
+    are skipped. A Linen box chain is one entry, under the path of the box.
+    """
+    variables: dict[int, Entry] = {}
+    leaves: list[Entry] = []
+    optimizers: dict[int, tuple[Path, Optimizer[Any]]] = {}
+    states: list[tuple[Path, train_state.TrainState]] = []
+
+    def visit(
+        x: Any, path: Path, ancestors: set[int], in_module: bool, in_opt: bool, linen: Linen
+    ) -> None:
+        if isinstance(x, nnx.Variable):
+            value = x.get_raw_value()
+            if value is None:
+                return
+            entry = variables.setdefault(id(x), Entry([], value, x))
+            entry.paths.append(path)
+            entry.in_module = entry.in_module or in_module
+            entry.in_optimizer = entry.in_optimizer or in_opt
+            return
+        if is_box_chain(x):
+            value = jax.tree_util.tree_leaves(x)[0]
+            leaves.append(Entry([path], value, None, in_module, in_opt, x, linen))
+            return
+        impl = graphlib.get_node_impl(x)
+        if impl is None:
+            if is_module_leaf(x) if in_module else is_tree_leaf(x):
+                leaves.append(Entry([path], x, None, in_module, in_opt, None, linen))
+            return
+        if id(x) in ancestors:  # a cycle through a parent reference
+            return
+        if isinstance(x, Optimizer):
+            optimizers.setdefault(id(x), (path, x))
+            in_opt = True
+        if isinstance(x, train_state.TrainState):
+            states.append((path, x))
+        ancestors.add(id(x))
+        child_in_module = in_module or isinstance(x, nnx.Pytree)
+        for key, child in impl.node_dict(x).items():
+            child_linen = _child_linen(x, key, child, linen)
+            visit(child, (*path, key), ancestors, child_in_module, in_opt, child_linen)
+        ancestors.discard(id(x))
+
+    visit(node, prefix, set(), in_module, in_optimizer, linen)
+    return Walked([*variables.values(), *leaves], list(optimizers.values()), states)
+
+
+def status(entry: Entry) -> str:
+    """The flag an entry is saved with: ``trainable``, ``frozen`` or ``state``.
+
+    The one place that decides it. A variable's type decides; a bare value
+    decides by where it sits in Linen state, then by its boxes (frozen in an
+    ``ffl.FrozenBox``), then by its dtype (inexact values are trainable).
+    """
+    x = entry.variable
+    if isinstance(x, nnx.Param):
+        return "trainable"
+    if isinstance(x, FrozenParam):
+        return "frozen"
+    if x is not None or entry.linen == "state":
+        return "state"
+    if entry.linen == "frozen" or (entry.box is not None and is_frozen_box(entry.box)):
+        return "frozen"
+    return "trainable" if is_inexact(entry.value) else "state"
+
+
+def rebuild(node: Any, new_variables: dict[int, Any], new_at: dict[Path, Any]) -> Any:
+    """Puts replacements on every edge that holds an old variable or sits at a replaced path.
+
+    Like ``_retype.replace``, with ``new_at`` replacing whole subtrees (a box
+    chain, an optimizer state) as well as leaves. NNX objects are changed in
+    place; containers outside them and immutable ones are rebuilt and put on
+    their parent. Returns the node, or its rebuilt copy when it is an
+    immutable pytree.
+    """
+    seen: set[int] = set()
+
+    def visit(x: Any, path: Path, in_module: bool) -> Any:
+        if isinstance(x, nnx.Variable):
+            return new_variables.get(id(x), x)
+        if path in new_at:
+            return new_at[path]
+        impl = graphlib.get_node_impl(x)
+        if impl is None:
+            return x
+        if isinstance(x, nnx.Pytree):
+            if id(x) in seen:
+                return x
+            seen.add(id(x))
+            for key, child in impl.node_dict(x).items():
+                new = visit(child, (*path, key), True)
+                if new is not child:
+                    setattr(x, str(key), new)
+            return x
+        children, aux = impl.flatten(x)
+        new_children = [(key, visit(child, (*path, key), in_module)) for key, child in children]
+        changed = [
+            (key, new)
+            for (key, old), (_, new) in zip(children, new_children, strict=True)
+            if new is not old
+        ]
+        if not changed:
+            return x
+        if in_module and isinstance(impl, graphlib.PytreeNodeImpl) and impl.set_key is not None:
+            for key, new in changed:
+                impl.set_key(x, key, new)
+            return x
+        return impl.unflatten(new_children, aux)  # type: ignore[arg-type]
+
+    return visit(node, (), False)
