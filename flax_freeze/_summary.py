@@ -10,6 +10,7 @@ import jax
 import numpy as np
 from flax import nnx
 from flax.core import meta
+from flax.training import train_state
 
 from ._boxes import PARAMS, is_variables_dict
 from ._filters import path_str
@@ -164,7 +165,9 @@ def summary(node: Any) -> Summary:
         node: an NNX module, any pytree holding modules, variables or arrays,
             or a Linen params or variables dict (frozen boxes count as frozen;
             in a variables dict only ``params`` is trainable, ``frozen_params``
-            is frozen and every other collection is state).
+            is frozen and every other collection is state), or a
+            ``TrainState`` (its params; step, optimizer state and other
+            fields are state).
 
     Returns:
         A :class:`Summary`; print it for the table with totals of elements
@@ -195,6 +198,12 @@ def summary(node: Any) -> Summary:
         for collection, tree in node.items():
             status = {PARAMS: None, "frozen_params": "frozen"}.get(collection, "state")
             rows += _rows(tree, (collection,), status, collection)
+    elif isinstance(node, train_state.TrainState):
+        # Only the params train; the step, optimizer state and extra fields are state.
+        rows = _rows(node.params, (PARAMS,), None, "Array")
+        for name, value in vars(node).items():
+            if name not in (PARAMS, "apply_fn", "tx"):
+                rows += _rows(value, (name,), "state", "Array")
     else:
         rows = _rows(node, (), None, "Array")
     return Summary(tuple(sorted(rows, key=lambda r: r.path)))

@@ -445,3 +445,14 @@ def test_linen_example_fine_tunes_with_frozen_convolutions():
     assert r["pretrain"] > 0.8
     assert r["head_only"] > 0.6  # chance is 0.2
     assert r["all"] > 0.6
+
+
+def test_summary_of_a_train_state_counts_optimizer_state_as_state():
+    state = make_state(optax.adam(1e-2)).freeze(ff.PathRegex("mid/.*"))
+    s = ff.summary(state)
+    rows = {r.path: r for r in s.rows}
+    assert rows["params/mid/kernel"].status == "frozen"
+    assert rows["params/head/kernel"].status == "trainable"
+    assert rows["opt_state/0/mu/head/kernel"].status == "state"
+    assert rows["batch_stats/bn/mean"].status == "state"
+    assert s.trainable_count == ff.summary(state.params).trainable_count
