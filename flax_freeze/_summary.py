@@ -74,6 +74,25 @@ def _row(path: str, x: Any, type_name: str | None = None, status: str | None = N
     )
 
 
+def table(rows: Any) -> list[str]:
+    """The lines of a table of rows with ``path, type, shape, dtype, status, count, bytes``."""
+    header = ("path", "type", "shape", "dtype", "status", "count", "bytes")
+    lines = [
+        (r.path, r.type, str(r.shape), r.dtype, r.status, f"{r.count:,}", f"{r.bytes:,}")
+        for r in rows
+    ]
+    widths = [max(len(c) for c in col) for col in zip(header, *lines, strict=False)]
+
+    def fmt(cells: tuple[str, ...]) -> str:
+        return "  ".join(
+            c.rjust(w) if i >= 5 else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    rule = "-" * len(fmt(header))
+    return [fmt(header), rule, *(fmt(line) for line in lines), rule]
+
+
 @dataclass(frozen=True)
 class Summary:
     """Trainable, frozen and other state of a node, one row per variable.
@@ -125,24 +144,10 @@ class Summary:
         return groups
 
     def __str__(self) -> str:
-        header = ("path", "type", "shape", "dtype", "status", "count", "bytes")
-        lines = [
-            (r.path, r.type, str(r.shape), r.dtype, r.status, f"{r.count:,}", f"{r.bytes:,}")
-            for r in self.rows
-        ]
-        widths = [max(len(c) for c in col) for col in zip(header, *lines, strict=False)]
-
-        def fmt(cells: tuple[str, ...]) -> str:
-            return "  ".join(
-                c.rjust(w) if i >= 5 else c.ljust(w)
-                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-            ).rstrip()
-
-        rule = "-" * len(fmt(header))
-        out = [fmt(header), rule, *(fmt(line) for line in lines), rule]
+        out = table(self.rows)
         for name, totals in [*self.by_module().items(), ("total", self.totals)]:
             parts = [
-                f"{status} {totals.count[status]:,} ({_bytes(totals.bytes[status])})"
+                f"{status} {totals.count[status]:,} ({human_bytes(totals.bytes[status])})"
                 for status in STATUSES
                 if totals.count[status] or status != "state"
             ]
@@ -150,10 +155,10 @@ class Summary:
         return "\n".join(out)
 
 
-def _bytes(n: int) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
-            return f"{n:,} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+            return f"{n:,.0f} B" if unit == "B" else f"{n:,.1f} {unit}"
         n /= 1024  # type: ignore[assignment]
     raise AssertionError("unreachable")
 

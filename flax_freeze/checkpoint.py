@@ -104,6 +104,7 @@ from ._filters import Path, path_str
 from ._grad import trainable_tree
 from ._optimizer import Optimizer, migrate_opt_state
 from ._retype import freeze, unfreeze
+from ._summary import human_bytes, table
 from ._variables import PARAM_TYPE_KEY, TRAINED_DTYPE_KEY, FrozenParam
 from .linen import TrainState
 
@@ -1493,42 +1494,18 @@ class Description:
 
     def __str__(self) -> str:
         """The table of rows, then the totals per status."""
-        header = ("path", "type", "shape", "dtype", "status", "count", "bytes")
-        lines = [
-            (r.path, r.type, str(r.shape), r.dtype, r.status, f"{r.count:,}", f"{r.bytes:,}")
-            for r in self.rows
-        ]
-        widths = [max(len(c) for c in col) for col in zip(header, *lines, strict=True)]
-
-        def fmt(cells: tuple[str, ...]) -> str:
-            return "  ".join(
-                c.rjust(w) if i >= 5 else c.ljust(w)
-                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-            ).rstrip()
-
-        rule = "-" * len(fmt(header))
         flags = "flax_freeze flags" if self.has_flags else "no flags (plain orbax checkpoint)"
-        out = [f"{self.directory}: {flags}", fmt(header), rule, *map(fmt, lines), rule]
+        out = [f"{self.directory}: {flags}", *table(self.rows)]
         totals = self.totals()
         parts = [
-            f"{status} {totals[status]['count']:,} ({_bytes(totals[status]['bytes'])})"
+            f"{status} {totals[status]['count']:,} ({human_bytes(totals[status]['bytes'])})"
             for status in (*STATUSES, "unknown")
             if status in totals
         ]
         total = totals.get("total", {"count": 0, "bytes": 0})
-        parts.append(f"total {total['count']:,} ({_bytes(total['bytes'])})")
+        parts.append(f"total {total['count']:,} ({human_bytes(total['bytes'])})")
         out.append(", ".join(parts))
         return "\n".join(out)
-
-
-def _bytes(n: float) -> str:
-    if n < 1024:
-        return f"{n:,.0f} B"
-    for unit in ("KiB", "MiB", "GiB"):
-        n /= 1024
-        if n < 1024 or unit == "GiB":
-            break
-    return f"{n:,.1f} {unit}"
 
 
 def describe(directory: str | epath.PathLike) -> Description:

@@ -73,9 +73,9 @@ def test_summary_counts_a_tied_variable_once():
 
 @pytest.mark.parametrize("n", [1023, 1024 * 1024 * 3])
 def test_bytes_formatting(n):
-    from flax_freeze._summary import _bytes
+    from flax_freeze._summary import human_bytes
 
-    assert _bytes(n) == ("1,023 B" if n == 1023 else "3.0 MiB")
+    assert human_bytes(n) == ("1,023 B" if n == 1023 else "3.0 MiB")
 
 
 def test_summary_shows_rng_keys_as_state():
