@@ -88,7 +88,11 @@ def replace(
     new_variables: dict[int, Any],
     new_leaves: dict[Path, Any],
 ) -> N:
-    """Puts replacements on every edge that holds an old variable or leaf.
+    """Puts replacements on every edge that holds an old variable or sits at a replaced path.
+
+    ``new_variables`` maps old variables (by identity) to their replacements;
+    ``new_leaves`` maps paths to what goes there: a leaf, or a whole subtree
+    (a Linen box chain, an optimizer state).
 
     NNX objects (modules, ``nnx.List``, ``nnx.Dict``) are changed in place by
     ``setattr``, as are lists and dicts inside them; containers outside modules
@@ -100,9 +104,11 @@ def replace(
     def visit(x: Any, path: Path, in_module: bool) -> Any:
         if isinstance(x, nnx.Variable):
             return new_variables.get(id(x), x)
+        if path in new_leaves:
+            return new_leaves[path]
         impl = graphlib.get_node_impl(x)
         if impl is None:
-            return new_leaves.get(path, x)
+            return x
         if isinstance(x, nnx.Pytree):
             if id(x) in seen:
                 return x

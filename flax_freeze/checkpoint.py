@@ -95,7 +95,6 @@ from ._ckpt_walk import (
     key_impl,
     key_of,
     number_dtype,
-    rebuild,
     shape_dtype,
     status,
     walk,
@@ -103,7 +102,8 @@ from ._ckpt_walk import (
 from ._filters import Path, path_str
 from ._grad import trainable_tree
 from ._optimizer import Optimizer, migrate_opt_state
-from ._retype import freeze, unfreeze
+from ._retype import freeze, replace, unfreeze
+from ._summary import Row as Row
 from ._summary import human_bytes, table
 from ._variables import PARAM_TYPE_KEY, TRAINED_DTYPE_KEY, FrozenParam
 from .linen import TrainState
@@ -765,7 +765,7 @@ def _box_changes(
     to_unbox: Collection[Path],
     to_param: Collection[Path] = (),
 ) -> dict[Path, Any]:
-    """Replacements (for ``rebuild``) that re-type the values of ``node`` at those paths.
+    """Replacements (for ``replace``) that re-type the values of ``node`` at those paths.
 
     ``to_box``: into an ``ffl.FrozenBox`` (around their other boxes);
     ``to_unbox``: out of it (their other boxes kept); ``to_param``: bare
@@ -812,7 +812,7 @@ def _linen_opt_state(
     to_unbox = {p[n:] for p in retype.to_unbox if p[:n] == prefix}
     if not to_box and not to_unbox:
         return None
-    params = rebuild(state.params, {}, _box_changes(state.params, to_box, to_unbox))
+    params = replace(state.params, {}, _box_changes(state.params, to_box, to_unbox))
     fresh = jax.eval_shape(lambda p: state.tx.init(_opt_params(state, p)), params)
     placed = {
         e.key[n:]: (shape_dtype(e.value)[0], _sharding(e))
@@ -826,7 +826,7 @@ def _linen_opt_state(
         sharding = _state_sharding(entry.key, shape, placed, old)
         abstract = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
         new_at[entry.paths[0]] = abstract if entry.box is None else in_box(entry.box, abstract)
-    return rebuild(fresh, {}, new_at)
+    return replace(fresh, {}, new_at)
 
 
 @dataclass
@@ -893,7 +893,7 @@ class _Plan:
             new_at = _box_changes(node, retype.to_box, retype.to_unbox, retype.to_param)
         for path, state in self.linen_states:
             new_at[(*path, "opt_state")] = state
-        return rebuild(node, {}, new_at) if new_at else node
+        return replace(node, {}, new_at) if new_at else node
 
     def finish(self, target: T, restored: Mapping[str, Any]) -> T:
         """Re-types ``target``, rebuilds optimizer states, and fills in the restored arrays."""
@@ -929,7 +929,7 @@ class _Plan:
                 variable.set_metadata(metadata)
             variable.set_raw_value(value)
         if new_variables or new_at:
-            node = rebuild(node, new_variables, new_at)
+            node = replace(node, new_variables, new_at)
         if self.retype is None and self.linen_states:
             node = self._migrate(node)
         return node  # type: ignore[return-value]
@@ -946,7 +946,7 @@ class _Plan:
             state = states[path]
             params = _opt_params(state, state.params)
             new_at[(*path, "opt_state")] = migrate_opt_state(state.tx, state.opt_state, params)
-        return rebuild(node, {}, new_at)
+        return replace(node, {}, new_at)
 
 
 def _from_stored(target_value: Any, data: Any, impl: str | None) -> Any:
@@ -1429,19 +1429,6 @@ def restore(
 
 # --------------------------------------------------------------------------------------
 # Describing a checkpoint
-
-
-@dataclass(frozen=True)
-class Row:
-    """One stored array of a checkpoint."""
-
-    path: str
-    type: str
-    shape: tuple[int, ...]
-    dtype: str
-    status: str
-    count: int
-    bytes: int
 
 
 @dataclass(frozen=True)
