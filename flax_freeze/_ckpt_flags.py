@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from ._filters import Path, path_str
 
 #: The ``format`` entry of a flags item written by ``ff.checkpoint``.
 FORMAT = "flax_freeze.checkpoint"
-VERSION = 1
+#: Version 2 adds ``save_id`` and ``checksums``; version 1 checkpoints still restore.
+VERSION = 2
 _SHOWN = 8
+_HEX = re.compile(r"[0-9a-f]{32}")
+_CHECKSUM = re.compile(r"[0-9a-f]{16}")
 
 
 def show(paths: Iterable[str]) -> str:
@@ -48,6 +53,11 @@ class Flags:
             restore checks them without opening any array.
         trained_dtypes: for each parameter frozen in a lower precision
             (``ff.freeze(..., dtype=...)``), the dtype it was trained in.
+        save_id: a random identifier of the save, also written in the state
+            item's metadata, so that a restore reads flags and arrays of one
+            save (None in version 1 checkpoints).
+        checksums: for each stored array, a checksum of its content (16 hex
+            digits), verified on restore (empty in version 1 checkpoints).
     """
 
     frozen: frozenset[str] = frozenset()
@@ -58,6 +68,8 @@ class Flags:
     optimizers: Mapping[str, tuple[Path, ...]] = field(default_factory=dict)
     arrays: Mapping[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)
     trained_dtypes: Mapping[str, str] = field(default_factory=dict)
+    save_id: str | None = None
+    checksums: Mapping[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON item, as stored."""
@@ -77,6 +89,8 @@ class Flags:
                 for name, (shape, dtype) in sorted(self.arrays.items())
             },
             "trained_dtypes": dict(sorted(self.trained_dtypes.items())),
+            "save_id": self.save_id,
+            "checksums": dict(sorted(self.checksums.items())),
         }
 
     @classmethod
@@ -141,6 +155,17 @@ class Flags:
             ):
                 raise bad(f"has a malformed 'arrays' entry for {name!r}: {spec!r:.200}")
             arrays[name] = (tuple(shape), dtype)
+        save_id = data.get("save_id")
+        if version >= 2 and not (isinstance(save_id, str) and _HEX.fullmatch(save_id)):
+            raise bad(f"has a malformed 'save_id' entry: {save_id!r:.200}")
+        checksums = mapping("checksums")
+        if version >= 2:
+            malformed = {k: v for k, v in checksums.items() if not _CHECKSUM.fullmatch(v)}
+            if malformed or set(checksums) != set(arrays):
+                raise bad(
+                    f"has a malformed 'checksums' entry: it must give 16 hex digits for each "
+                    f"stored array ({show(set(checksums) ^ set(arrays) | set(malformed))})"
+                )
         flags = cls(
             frozenset(strings("frozen")),
             frozenset(strings("trainable")),
@@ -150,10 +175,15 @@ class Flags:
             optimizers,
             arrays,
             mapping("trained_dtypes"),
+            save_id if version >= 2 else None,
+            checksums,
         )
-        bad_dtypes = {k: v for k, v in flags.trained_dtypes.items() if not _is_dtype(v)}
+        bad_dtypes = {k: v for k, v in flags.trained_dtypes.items() if not _is_floating(v)}
         if bad_dtypes:
-            raise bad(f"has a malformed 'trained_dtypes' entry: {bad_dtypes!r:.200}")
+            raise bad(
+                f"has a malformed 'trained_dtypes' entry (parameters are trained in floating "
+                f"dtypes): {bad_dtypes!r:.200}"
+            )
         stored = set(arrays) if stored is None else set(stored)
         named = flags.frozen | flags.trainable | set(flags.types) | set(flags.keys)
         unknown = named - stored
@@ -176,6 +206,11 @@ def _is_dtype(name: str) -> bool:
     except TypeError:
         return False
     return True
+
+
+def _is_floating(name: str) -> bool:
+    """A floating dtype: the only kind a parameter can be trained in."""
+    return _is_dtype(name) and bool(jnp.issubdtype(np.dtype(name), jnp.floating))
 
 
 def _get(data: Any, name: str) -> Any:

@@ -61,15 +61,17 @@ Several processes (``jax.distributed``) save and restore together: each calls
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
+import time
+import uuid
 import warnings
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -78,10 +80,14 @@ from flax.nnx import graphlib
 from flax.nnx.spmd import get_var_pspec
 from flax.nnx.training.optimizer import OptArray, OptVariable
 from flax.training import train_state
+from jax.experimental import multihost_utils
 
 from ._boxes import FrozenBox, is_frozen_box, strip_frozen
+from ._ckpt_checksum import checksum
+from ._ckpt_files import check_tree, is_local, protected, read_json, unexpected_entries
 from ._ckpt_flags import FORMAT as FORMAT
 from ._ckpt_flags import Flags, show
+from ._ckpt_lock import NEW, OLD, SaveLock, leftovers, new_dir, old_dir
 from ._ckpt_walk import (
     Entry,
     Key,
@@ -128,9 +134,11 @@ T = TypeVar("T")
 STATE = "state"
 FLAGS = "flags"
 STATUSES = ("trainable", "frozen", "state")
-_NEW = ".flax-freeze-new"
-_OLD = ".flax-freeze-old"
+#: The key of the state item's orbax custom metadata that marks a flax_freeze checkpoint.
+MARK = "flax_freeze"
 _barriers = itertools.count()
+# How often a restore starts again when a save replaces the checkpoint while it reads.
+_ATTEMPTS = 5
 
 
 class PartialRestoreWarning(UserWarning):
@@ -181,8 +189,8 @@ def _saved_value(entry: Entry) -> Any:
     return value
 
 
-def _build(node: Any) -> tuple[dict[str, Any], Flags]:
-    """The ``state`` dict and the flags of ``node``."""
+def _build(node: Any, save_id: str) -> tuple[dict[str, Any], Flags]:
+    """The ``state`` dict and the flags of ``node`` for the save ``save_id``."""
     walked = walk(node)
     entries, optimizers = walked.entries, walked.optimizers
     if not entries:
@@ -260,9 +268,12 @@ def _build(node: Any) -> tuple[dict[str, Any], Flags]:
         for path, opt in optimizers
     }
     arrays = {}
+    checksums = {}
     for entry in entries:
-        shape, dtype = shape_dtype(_saved_value(entry))
+        saved = _saved_value(entry)
+        shape, dtype = shape_dtype(saved)
         arrays[join(entry.key)] = (shape, np.dtype(dtype).name)
+        checksums[join(entry.key)] = checksum(saved)
     flags = Flags(
         frozenset(frozen),
         frozenset(trainable),
@@ -272,6 +283,8 @@ def _build(node: Any) -> tuple[dict[str, Any], Flags]:
         trained,
         arrays,
         trained_dtypes,
+        save_id,
+        checksums,
     )
     return state, flags
 
@@ -318,14 +331,18 @@ def save_args(node: Any) -> ocp.args.Composite:
         >>> type(model.kernel).__name__, args.step
         ('FrozenParam', 0)
     """
-    state, flags = _build(node)
+    return _save_args(node, uuid.uuid4().hex)
+
+
+def _save_args(node: Any, save_id: str) -> ocp.args.Composite:
+    state, flags = _build(node, save_id)
+    mark: dict[str, Any] = {MARK: {"format": FORMAT, "save_id": save_id}}
     return ocp.args.Composite(
-        **{STATE: ocp.args.PyTreeSave(state), FLAGS: ocp.args.JsonSave(flags.to_json())}
+        **{
+            STATE: ocp.args.PyTreeSave(state, custom_metadata=mark),
+            FLAGS: ocp.args.JsonSave(flags.to_json()),
+        }
     )
-
-
-def _sibling(path: epath.Path, suffix: str) -> epath.Path:
-    return path.parent / f"{path.name}{suffix}"
 
 
 def save(directory: str | epath.PathLike, node: Any, *, force: bool = False) -> None:
@@ -336,30 +353,46 @@ def save(directory: str | epath.PathLike, node: Any, *, force: bool = False) -> 
     a pytree of arrays and ``ff.FrozenParam`` values, or Linen state: a
     variables or params dict, an ``ffl.TrainState``. Arrays are stored by path
     whatever their variable type or boxes; the flags go in a JSON item beside
-    them (see the module docstring). Python numbers are stored in the dtype
-    JAX computes them in (``float32`` and ``int32`` unless x64 is enabled).
-    Restore with :func:`restore`.
+    them (see the module docstring), with a checksum of each array that
+    :func:`restore` verifies. Python numbers are stored in the dtype JAX
+    computes them in (``float32`` and ``int32`` unless x64 is enabled).
 
     The write is atomic: orbax writes a temporary directory and renames it.
     With ``force=True`` an existing checkpoint is replaced only once the new
     one is complete: a process killed during the save leaves the old one
-    intact at ``directory``.
+    intact at ``directory`` (or, if killed between the two renames, at
+    ``directory.flax-freeze-old-<id>``, which the next save or restore puts
+    back). ``force=True`` replaces only a checkpoint: a directory that orbax
+    did not write (a ``CheckpointManager`` root, a project directory), the
+    working directory, the home directory, ``/`` and any directory above them
+    are refused, and nothing is touched.
+
+    One save to a path runs at a time: a save holds a lock beside
+    ``directory`` (``directory.flax-freeze-lock``, removed when it is done;
+    the operating system releases it if the process dies), and a second save
+    to the same path while the first runs raises a ``ValueError`` at once,
+    without touching anything. Temporary directories are named after the save
+    (``directory.flax-freeze-new-<id>``); the leftovers of killed saves are
+    removed by the next save to the same path. The lock needs a local file
+    system; elsewhere (``gs://``), coordinate savers yourself.
 
     In a multi-process run (``jax.process_count() > 1``) every process calls
     ``save`` with the same arguments, on a file system they share. Process 0
-    alone prepares the directory and, with ``force=True``, swaps in the new
-    checkpoint; every process returns once it is in place at ``directory``.
+    alone takes the lock, prepares the directory and, with ``force=True``,
+    swaps in the new checkpoint; every process returns once it is in place at
+    ``directory``, and every process raises if process 0 could not save.
 
     Args:
         directory: the checkpoint directory to create (its parent is created
             if needed); a relative path is taken from the working directory.
         node: what to save: concrete arrays, not an abstract node.
-        force: replace ``directory`` if it exists.
+        force: replace ``directory`` if it is an existing checkpoint.
 
     Raises:
-        ValueError: if ``directory`` exists and ``force`` is False; if ``node``
-            holds no arrays, is abstract, or has keys that collide once
-            stringified.
+        ValueError: if ``directory`` exists and ``force`` is False; if it is
+            not a checkpoint, or is a protected directory, and ``force`` is
+            True; if another save to it is in progress; if ``node`` holds no
+            arrays, is abstract, or has keys that collide once stringified.
         TypeError: if a variable of ``node`` holds something other than an array.
 
     Example:
@@ -373,42 +406,125 @@ def save(directory: str | epath.PathLike, node: Any, *, force: bool = False) -> 
         ['kernel']
     """
     path = _absolute(directory)
-    args = save_args(node)
-    exists = path.exists()
-    if exists:
-        if not force:
-            raise ValueError(
-                f"`directory` {str(path)!r} already exists. Pass force=True to replace it "
-                "(the old checkpoint stays until the new one is complete), or choose a new "
-                "directory."
-            )
-        if not path.is_dir():
-            raise ValueError(
-                f"`directory` {str(path)!r} is a file, not a checkpoint; remove it or "
-                "choose another directory."
-            )
-    # With several processes, process 0 alone changes directories; the others
-    # wait at a barrier after each change (orbax's own save has its barriers).
+    save_id = _agreed_id()
+    args = _save_args(node, save_id)
+    # With several processes, process 0 alone takes the lock and changes
+    # directories; it tells the others how that went, and they wait at a
+    # barrier after each change (orbax's own save has its barriers).
     primary = jax.process_index() == 0
-    new, old = _sibling(path, _NEW), _sibling(path, _OLD)
+    lock = SaveLock(path)
+    error: Exception | None = None
+    exists = False
     if primary:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in [new, *path.parent.glob(f"{new.name}{ocp.step.TMP_DIR_SUFFIX}*")]:
-            if stale.exists():
-                stale.rmtree()
-        if exists and old.exists():
-            old.rmtree()  # left by an interrupted earlier save; `path` is the checkpoint
-    _barrier("save:prepare")
-    target = new if exists else path
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        checkpointer.save(target, args)
-    if primary:
-        if target == new:
+        try:
+            lock.acquire()
+            exists = _prepare(path, force)
+        except (ValueError, OSError) as err:
+            lock.release()
+            error = err
+    ok, exists = _from_primary(error is None, exists)
+    if error is not None:
+        raise error
+    if not ok:
+        raise ValueError(
+            f"Process 0 could not save to `directory` {str(path)!r}: see its error. "
+            "Nothing was changed."
+        )
+    try:
+        new, old = new_dir(path, save_id), old_dir(path, save_id)
+        target = new if exists else path
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            checkpointer.save(target, args)
+        if primary and target == new:
             path.rename(old)
             new.rename(path)
-        if old.exists():
             old.rmtree()
-    _barrier("save:replaced")
+        _barrier("save:replaced")
+    finally:
+        if primary:
+            lock.release()
+
+
+def _prepare(path: epath.Path, force: bool) -> bool:
+    """Gets ``path`` ready for a save holding its lock; returns whether a checkpoint is there.
+
+    Puts back a checkpoint that an interrupted save left moved aside, removes
+    the leftovers of killed saves, and checks that an existing ``path`` may be
+    replaced.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    moved = leftovers(path, OLD)
+    if moved and not path.exists():
+        moved[0].rename(path)  # a save was killed between its two renames
+        moved = moved[1:]
+    for stale in [*leftovers(path, NEW), *moved]:
+        stale.rmtree()
+    if not path.exists() and not os.path.islink(path):
+        return False
+    if not force:
+        raise ValueError(
+            f"`directory` {str(path)!r} already exists. Pass force=True to replace it "
+            "(the old checkpoint stays until the new one is complete), or choose a new "
+            "directory."
+        )
+    _check_replaceable(path)
+    return True
+
+
+def _check_replaceable(path: epath.Path) -> None:
+    """Raises unless ``path`` is a checkpoint that ``save(..., force=True)`` may replace."""
+
+    def refuse(problem: str) -> ValueError:
+        return ValueError(
+            f"`directory` {str(path)!r} {problem}. save(..., force=True) replaces only a "
+            "checkpoint that flax_freeze or orbax wrote; nothing was changed. Choose another "
+            "directory, or remove it yourself."
+        )
+
+    why = protected(path)
+    if why:
+        raise refuse(why)
+    if os.path.islink(path):
+        raise refuse("is a symbolic link")
+    if not path.is_dir():
+        raise refuse("is a file, not a checkpoint")
+    try:
+        layout = _locate(path)
+    except ValueError as err:
+        raise refuse(f"is not a checkpoint ({err})") from None
+    items = {p.name for p in path.iterdir() if p.is_dir() and _is_item(p)}
+    keys = set() if layout.item else _top_keys(layout)
+    extra = unexpected_entries(path, items, keys)
+    if extra:
+        raise refuse(f"holds entries that no checkpoint has: {show(extra)}")
+
+
+def _is_item(path: epath.Path) -> bool:
+    """Whether ``path`` is an item of a Composite checkpoint (it has orbax metadata)."""
+    return any((path / name).exists() for name in ("_METADATA", "metadata", "commit_success.txt"))
+
+
+def _top_keys(layout: _Layout) -> set[str]:
+    """The top-level keys of a PyTree checkpoint's tree (directories without OCDBT)."""
+    tree = _tree_metadata(layout)
+    return {str(leaf["key_metadata"][0]["key"]) for leaf in tree.values()}
+
+
+def _agreed_id() -> str:
+    """A random identifier of a save, the same on every process."""
+    if jax.process_count() == 1:
+        return uuid.uuid4().hex
+    words = np.frombuffer(uuid.uuid4().bytes, dtype=np.uint32)
+    words = multihost_utils.broadcast_one_to_all(words)
+    return np.asarray(words, dtype=np.uint32).tobytes().hex()
+
+
+def _from_primary(ok: bool, exists: bool) -> tuple[bool, bool]:
+    """Process 0's ``ok`` and ``exists``, on every process."""
+    if jax.process_count() == 1:
+        return ok, exists
+    flags = multihost_utils.broadcast_one_to_all(np.array([ok, exists], dtype=np.int32))
+    return bool(flags[0]), bool(flags[1])
 
 
 def _barrier(name: str) -> None:
@@ -433,7 +549,8 @@ class _Layout:
 
     root: epath.Path
     item: str | None  # the Composite item of the arrays; None: ``root`` is a PyTree checkpoint
-    has_flags: bool
+    has_flags: bool  # it has a flags item directory
+    flags_listed: bool  # its _CHECKPOINT_METADATA names a flags item
 
     @property
     def state_dir(self) -> epath.Path:
@@ -443,38 +560,86 @@ class _Layout:
 def _locate(directory: str | epath.PathLike, argname: str = "directory") -> _Layout:
     path = _absolute(directory)
     if not path.exists():
-        old = _sibling(path, _OLD)
+        moved = leftovers(path, OLD)
         hint = (
             f" A save with force=True was interrupted between two renames: the previous "
-            f"checkpoint is complete at {str(old)!r}; rename it to {path.name!r}."
-            if old.exists()
+            f"checkpoint is complete at {str(moved[0])!r}; rename it to {path.name!r} (the "
+            "next save to this path does it by itself)."
+            if moved
             else ""
         )
         raise FileNotFoundError(f"`{argname}` {str(path)!r} does not exist.{hint}")
     if not path.is_dir():
         raise ValueError(f"`{argname}` {str(path)!r} is a file, not a checkpoint directory.")
-    if ocp.step.TMP_DIR_SUFFIX in path.name or path.name.endswith(_NEW):
+    if ocp.step.TMP_DIR_SUFFIX in path.name or NEW in path.name:
         raise ValueError(
             f"`{argname}` {str(path)!r} is an unfinished checkpoint: its save did not "
             "complete. Restore the previous checkpoint instead."
         )
+    layout = None
     if (path / "_METADATA").exists():
-        return _Layout(path, None, False)
-    for item in (STATE, "default"):
-        if (path / item / "_METADATA").exists():
-            return _Layout(path, item, item == STATE and (path / FLAGS).exists())
-    steps = sorted(ocp.step.checkpoint_steps(path))
-    hint = (
-        f" It is a CheckpointManager directory with steps {steps[-5:]}: pass one step's "
-        f"directory, or use ff.checkpoint.restore_args with the manager."
-        if steps
-        else ""
+        layout = _Layout(path, None, False, False)
+    else:
+        for item in (STATE, "default"):
+            if (path / item / "_METADATA").exists():
+                has_flags = item == STATE and (path / FLAGS).exists()
+                layout = _Layout(path, item, has_flags, False)
+                break
+    if layout is None:
+        steps = sorted(ocp.step.checkpoint_steps(path))
+        hint = (
+            f" It is a CheckpointManager directory with steps {steps[-5:]}: pass one step's "
+            f"directory, or use ff.checkpoint.restore_args with the manager."
+            if steps
+            else ""
+        )
+        raise ValueError(
+            f"`{argname}` {str(path)!r} is not an orbax checkpoint: it has neither a "
+            f"{STATE!r} item (as ff.checkpoint.save writes) nor an orbax _METADATA file "
+            f"(as ocp.StandardCheckpointer writes).{hint}"
+        )
+    check_tree(path)
+    listed = False
+    if layout.item is not None and (path / "_CHECKPOINT_METADATA").exists():
+        meta = read_json(path / "_CHECKPOINT_METADATA", f"The metadata of checkpoint {str(path)!r}")
+        handlers = meta.get("item_handlers") if isinstance(meta, dict) else None
+        listed = isinstance(handlers, dict) and FLAGS in handlers
+    return _Layout(path, layout.item, layout.has_flags, listed)
+
+
+def _damaged(layout: _Layout, problem: str) -> ValueError:
+    return ValueError(
+        f"Checkpoint {str(layout.root)!r} {problem}. The checkpoint is damaged or incomplete; "
+        "restore an earlier one."
     )
-    raise ValueError(
-        f"`{argname}` {str(path)!r} is not an orbax checkpoint: it has neither a "
-        f"{STATE!r} item (as ff.checkpoint.save writes) nor an orbax _METADATA file "
-        f"(as ocp.StandardCheckpointer writes).{hint}"
+
+
+def _state_metadata(layout: _Layout) -> dict[str, Any]:
+    """The state item's orbax ``_METADATA`` (JSON), checked for the entries read here."""
+    data = read_json(
+        layout.state_dir / "_METADATA", f"The array metadata of checkpoint {str(layout.root)!r}"
     )
+    tree = data.get("tree_metadata") if isinstance(data, dict) else None
+    if not isinstance(tree, dict) or not all(
+        isinstance(leaf, dict)
+        and isinstance(leaf.get("key_metadata"), list)
+        and leaf["key_metadata"]
+        and all(isinstance(k, dict) and "key" in k for k in leaf["key_metadata"])
+        for leaf in tree.values()
+    ):
+        raise _damaged(layout, "has malformed array metadata (its state item's _METADATA file)")
+    return data
+
+
+def _tree_metadata(layout: _Layout) -> dict[str, Any]:
+    return _state_metadata(layout)["tree_metadata"]
+
+
+def _mark(metadata: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The flax_freeze mark in a state item's metadata: ``{"format", "save_id"}``, or None."""
+    custom = metadata.get("custom_metadata")
+    mark = custom.get(MARK) if isinstance(custom, dict) else None
+    return mark if isinstance(mark, dict) else None
 
 
 def _flatten(tree: Any, prefix: Key = ()) -> dict[Key, Any]:
@@ -505,8 +670,8 @@ def _orbax_metadata(layout: _Layout) -> dict[Key, _Stored]:
     except Exception as err:  # any failure here means a damaged checkpoint
         raise ValueError(
             f"Cannot read the array metadata of checkpoint {str(layout.state_dir)!r}: "
-            f"{type(err).__name__}: {err}. The checkpoint is damaged or incomplete."
-        ) from err
+            f"{_one_line(err)}. The checkpoint is damaged or incomplete."
+        ) from None
     finally:
         handler.close()
     stored = {}
@@ -519,63 +684,114 @@ def _orbax_metadata(layout: _Layout) -> dict[Key, _Stored]:
     return stored
 
 
-def _stored_paths(layout: _Layout) -> set[str] | None:
-    """The stored paths, from the state item's ``_METADATA`` file; None if unreadable."""
-    try:
-        tree = json.loads((layout.state_dir / "_METADATA").read_text())["tree_metadata"]
-        return {join(str(k["key"]) for k in leaf["key_metadata"]) for leaf in tree.values()}
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception as one short line: its type and the start of its first line."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _read_flags_json(layout: _Layout) -> Any:
     where = str(layout.root)
-    handler = ocp.JsonCheckpointHandler()
     try:
-        return handler.restore(layout.root / FLAGS)
+        return read_json(
+            layout.root / FLAGS / "metadata", f"The flags item of checkpoint {where!r}"
+        )
     except FileNotFoundError as err:
         raise ValueError(
             f"The flags item of checkpoint {where!r} has no JSON file ({err}). The checkpoint "
             "is damaged; restore its arrays with plain orbax if you need them."
-        ) from err
-    except ValueError as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        ) from None
+    except ValueError as err:
         raise ValueError(
-            f"The flags item of checkpoint {where!r} is not valid JSON: {err}. The checkpoint "
-            "is damaged; restore its arrays with plain orbax if you need them."
-        ) from err
-    finally:
-        handler.close()
+            f"{err} The checkpoint is damaged; restore its arrays with plain orbax if you "
+            "need them."
+        ) from None
 
 
 def _read(layout: _Layout) -> tuple[dict[Key, _Stored], Flags | None]:
     """The stored arrays' shapes and dtypes, and the flags: metadata only, no array data.
 
-    A flax_freeze checkpoint records shapes and dtypes in its flags item, checked
-    against the paths in orbax's ``_METADATA`` file; any other checkpoint is
-    described by orbax's metadata, which opens each array's header.
+    A checkpoint that flax_freeze wrote (its state item carries flax_freeze's
+    mark, or its Composite metadata lists a flags item) must have valid flags
+    that match its arrays: paths, shapes, dtypes, PRNG key implementations,
+    and the save identifier of the state item.
     """
     where = str(layout.root)
-    data = _read_flags_json(layout) if layout.has_flags else None
-    arrays = data.get("arrays") if isinstance(data, dict) else None
-    paths = _stored_paths(layout) if arrays else None
-    if data is None or paths is None:
-        stored = _orbax_metadata(layout)
-        flags = None if data is None else Flags.from_json(data, where, map(join, stored))
-        return stored, flags
+    metadata = _state_metadata(layout)
+    mark = _mark(metadata)
+    if layout.has_flags:
+        data = _read_flags_json(layout)
+    elif mark is not None or layout.flags_listed:
+        raise _damaged(
+            layout,
+            f"was written by flax_freeze but has no {FLAGS!r} item, so its frozen flags are "
+            "lost; it is not read as a plain orbax checkpoint (which would make every "
+            "parameter trainable)",
+        )
+    else:
+        data = None
+    stored = _orbax_metadata(layout)
+    if data is None:
+        return stored, None
     flags = Flags.from_json(data, where, None)
-    if set(flags.arrays) != paths:
-        missing, extra = set(flags.arrays) - paths, paths - set(flags.arrays)
+    names = {join(k): v for k, v in stored.items()}
+    if set(flags.arrays) != set(names):
+        missing, extra = set(flags.arrays) - set(names), set(names) - set(flags.arrays)
         raise ValueError(
             f"The flags item of checkpoint {where!r} does not list the arrays its state item "
             f"holds: listed but not stored {show(missing)}, stored but not listed "
             f"{show(extra)}. The checkpoint was edited or damaged; restore its arrays with "
             "plain orbax if you need them."
         )
-    stored = {
-        tuple(name.split("/")): _Stored(shape, np.dtype(dtype))
+    differ = [
+        f"{name} (flags {shape} {dtype}, stored {names[name].shape} {names[name].dtype})"
         for name, (shape, dtype) in flags.arrays.items()
-    }
+        if names[name].shape != shape
+        or names[name].dtype is None
+        or names[name].dtype != np.dtype(dtype)
+    ]
+    if differ:
+        raise ValueError(
+            f"The flags item of checkpoint {where!r} does not match its stored arrays: "
+            f"{show(differ)}. The checkpoint was edited or damaged."
+        )
+    _check_keys(flags, names, where)
+    saved_id = mark.get("save_id") if mark is not None else None
+    if (flags.save_id is not None or mark is not None) and saved_id != flags.save_id:
+        raise ValueError(
+            f"Checkpoint {where!r} holds flags and arrays of different saves (save ids "
+            f"{flags.save_id!r} and {saved_id!r}): it was assembled from two checkpoints or "
+            "damaged. Restore an earlier checkpoint."
+        )
     return stored, flags
+
+
+def _check_keys(flags: Flags, stored: Mapping[str, _Stored], where: str) -> None:
+    """Checks that each PRNG key the flags name has a known implementation and fits its data."""
+    for name, impl in flags.keys.items():
+        try:
+            data = jax.eval_shape(
+                lambda impl=impl: jax.random.key_data(jax.random.key(0, impl=impl))
+            )
+        except (ValueError, TypeError, KeyError):
+            raise ValueError(
+                f"The flags item of checkpoint {where!r} names an unknown PRNG key "
+                f"implementation {impl!r} for {name!r}. The checkpoint was edited or damaged."
+            ) from None
+        meta = stored[name]
+        n = len(data.shape)
+        fits = (
+            meta.shape is not None
+            and meta.shape[len(meta.shape) - n :] == tuple(data.shape)
+            and meta.dtype == np.dtype(data.dtype)
+        )
+        if not fits:
+            raise ValueError(
+                f"The flags item of checkpoint {where!r} says {name!r} holds {impl} keys, "
+                f"but its stored data ({meta.shape} {meta.dtype}) is not key data of that "
+                "implementation. The checkpoint was edited or damaged."
+            )
 
 
 def read_flags(directory: str | epath.PathLike) -> Flags | None:
@@ -844,16 +1060,27 @@ class _Plan:
     # (path, abstract opt_state) of each Linen TrainState whose optimizer
     # state is rebuilt for the parameters trainable when saved.
     linen_states: list[tuple[Path, Any]]
+    saved: Flags | None  # the checkpoint's flags (checksums)
+    # Tied variables of the target stored under several paths: entry key -> stored keys.
+    ties: dict[Key, list[Key]] = field(default_factory=dict)
 
-    def state_args(self) -> ocp.args.PyTreeRestore:
-        """The orbax ``PyTreeRestore`` args that read exactly the chosen arrays."""
+    def keys(self) -> set[Key]:
+        """Every stored key read: the chosen ones and the other paths of ties."""
+        return set(self.chosen.values()).union(*self.ties.values())
+
+    def state_args(self, keys: Collection[Key] | None = None) -> ocp.args.PyTreeRestore:
+        """The orbax ``PyTreeRestore`` args that read the planned arrays (or only ``keys``).
+
+        Arrays are read in their stored dtype: checksums are verified on what
+        was stored, and :meth:`finish` casts where the plan says so.
+        """
         item: dict[str, Any] = {}
         restore_args: dict[str, Any] = {}
-        for key in set(self.chosen.values()):
+        for key in self.keys() if keys is None else keys:
             stored = self.stored[key]
             assert stored.shape is not None
             assert stored.dtype is not None
-            sharding, dtype = self.shardings[key], self.dtypes[key]
+            sharding, dtype = self.shardings[key], stored.dtype
             _insert(item, key, jax.ShapeDtypeStruct(stored.shape, dtype))
             if sharding is None:
                 arg = ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)
@@ -895,9 +1122,38 @@ class _Plan:
             new_at[(*path, "opt_state")] = state
         return replace(node, {}, new_at) if new_at else node
 
-    def finish(self, target: T, restored: Mapping[str, Any]) -> T:
+    def check(self, arrays: Mapping[Key, Any], verify: bool) -> None:
+        """Verifies the arrays read against their checksums, and that ties hold one value.
+
+        Raises:
+            ValueError: naming the damaged paths, or the tied paths that differ.
+        """
+        where = str(self.layout.root)
+        checksums = self.saved.checksums if self.saved is not None and verify else {}
+        damaged = [
+            join(key)
+            for key, value in arrays.items()
+            if join(key) in checksums and checksum(value) != checksums[join(key)]
+        ]
+        if damaged:
+            raise ValueError(
+                f"Checkpoint {where!r} is damaged: the arrays at {show(damaged)} do not match "
+                "the checksums recorded when they were saved. Restore an earlier checkpoint "
+                "(verify=False reads them anyway)."
+            )
+        for entry_key, keys in self.ties.items():
+            first = arrays[keys[0]]
+            for other in keys[1:]:
+                if not _equal(first, arrays[other]):
+                    raise _tie_error(where, entry_key, keys[0], other)
+
+    def finish(self, target: T, restored: Mapping[str, Any], verify: bool = True) -> T:
         """Re-types ``target``, rebuilds optimizer states, and fills in the restored arrays."""
         arrays = _flatten(restored)
+        self.check(arrays, verify)
+        for key, dtype in self.dtypes.items():  # read as stored, then cast where planned
+            if key in arrays and dtype != self.stored[key].dtype:
+                arrays[key] = arrays[key].astype(dtype)
         node = self._retype(target)
         for opt, state, trained in self.optimizers:
             opt.opt_state = nnx.data(state)
@@ -947,6 +1203,22 @@ class _Plan:
             params = _opt_params(state, state.params)
             new_at[(*path, "opt_state")] = migrate_opt_state(state.tx, state.opt_state, params)
         return replace(node, {}, new_at)
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """Whether two arrays read from a checkpoint hold the same values (NaNs equal)."""
+    if isinstance(a, jax.Array) and isinstance(b, jax.Array):
+        return bool(jnp.array_equal(a, b, equal_nan=True))
+    return bool(np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True))
+
+
+def _tie_error(where: str, entry: Key, first: Key, other: Key) -> ValueError:
+    return ValueError(
+        f"Checkpoint {where!r} holds different values at {join(first)!r} and {join(other)!r}, "
+        f"but in `target` they are one tied variable ({join(entry)!r}): restoring would keep "
+        "one and drop the other. Restore into a target where they are separate variables, "
+        "or untie them in the checkpoint's model before saving."
+    )
 
 
 def _from_stored(target_value: Any, data: Any, impl: str | None) -> Any:
@@ -1017,6 +1289,7 @@ def _plan(layout: _Layout, target: Any, flags: str, partial: bool) -> _Plan:
     shardings: dict[Key, jax.sharding.Sharding | None] = {}
     impls: dict[Key, str] = {}
     dtypes: dict[Key, np.dtype[Any]] = {}
+    ties: dict[Key, list[Key]] = {}
     for entry in entries:
         candidates = _candidates(entry, stored)
         if not candidates:
@@ -1025,6 +1298,11 @@ def _plan(layout: _Layout, target: Any, flags: str, partial: bool) -> _Plan:
         consumed.update(candidates)
         key = candidates[0]
         chosen[entry.key] = key
+        if len(candidates) > 1:
+            _plan_tie(where, entry, candidates, stored, saved)
+            ties[entry.key] = candidates
+            for other in candidates[1:]:
+                shardings[other] = _sharding(entry)
         impl = saved.keys.get(join(key)) if saved else None
         dtype = _related_dtype(entry, stored[key], saved, join(key), flags)
         problem = None if dtype is not None else _mismatch(entry.value, stored[key], impl)
@@ -1083,7 +1361,27 @@ def _plan(layout: _Layout, target: Any, flags: str, partial: bool) -> _Plan:
         retype if flags == "checkpoint" else None,
         rebuilt,
         linen_states,
+        saved,
+        ties,
     )
+
+
+def _plan_tie(
+    where: str, entry: Entry, keys: list[Key], stored: Mapping[Key, _Stored], saved: Flags | None
+) -> None:
+    """Refuses, before reading, a tied target variable stored under paths that differ.
+
+    Shapes, dtypes and (where the flags have them) checksums are compared here;
+    without checksums, :meth:`_Plan.check` compares the values once read.
+    """
+    checksums = saved.checksums if saved is not None else {}
+    first = keys[0]
+    for other in keys[1:]:
+        same = stored[first] == stored[other]
+        if same and join(first) in checksums and join(other) in checksums:
+            same = checksums[join(first)] == checksums[join(other)]
+        if not same:
+            raise _tie_error(where, entry.key, first, other)
 
 
 def _plan_retype(saved: Flags, entries: list[Entry], stored: Mapping[Key, _Stored]) -> _Retype:
@@ -1208,7 +1506,7 @@ class RestoreArgs(ocp.args.Composite):
 
     step: int | None
 
-    def __init__(self, plan: _Plan, target: Any, step: int | None) -> None:
+    def __init__(self, plan: _Plan, target: Any, step: int | None, verify: bool = True) -> None:
         """Holds the plan; use :func:`restore_args` to make one."""
         items: dict[str, Any] = {STATE: plan.state_args()}
         if plan.layout.has_flags:
@@ -1217,6 +1515,8 @@ class RestoreArgs(ocp.args.Composite):
         object.__setattr__(self, "_plan", plan)
         object.__setattr__(self, "_target", target)
         object.__setattr__(self, "step", step)
+        object.__setattr__(self, "_verify", verify)
+        object.__setattr__(self, "_identity", _identity(plan.layout.root))
 
     def finish(self, restored: Mapping[str, Any]) -> Any:
         """Fills the target from what ``CheckpointManager.restore`` returned.
@@ -1229,13 +1529,21 @@ class RestoreArgs(ocp.args.Composite):
 
         Raises:
             TypeError: if ``restored`` is not what the manager returned for these args.
+            ValueError: if the checkpoint was replaced since these args were made,
+                if an array does not match its checksum, or tied paths differ.
         """
         if not isinstance(restored, Mapping) or not isinstance(restored.get(STATE), Mapping):
             raise TypeError(
                 f"`restored` must be what manager.restore(args.step, args=args) returned "
                 f"(a Composite with a {STATE!r} item), got {type(restored).__name__}."
             )
-        return self._plan.finish(self._target, restored[STATE])
+        if _identity(self._plan.layout.root) != self._identity:
+            raise ValueError(
+                f"Checkpoint {str(self._plan.layout.root)!r} was replaced by another save "
+                "after these args were made: what was read may mix two saves. Make new "
+                "args with ff.checkpoint.restore_args and restore again."
+            )
+        return self._plan.finish(self._target, restored[STATE], self._verify)
 
 
 def _step_directory(
@@ -1267,6 +1575,7 @@ def restore_args(
     step: int | None = None,
     flags: Literal["checkpoint", "target"] = "checkpoint",
     partial: bool = False,
+    verify: bool = True,
 ) -> RestoreArgs:
     """The ``args`` for ``ocp.CheckpointManager.restore`` that restore into ``target`` with flags.
 
@@ -1283,6 +1592,7 @@ def restore_args(
             step. Ignored for a directory.
         flags: as for :func:`restore`.
         partial: as for :func:`restore`.
+        verify: as for :func:`restore`.
 
     Returns:
         A :class:`RestoreArgs`: ``args.finish(manager.restore(args.step, args=args))``.
@@ -1317,7 +1627,7 @@ def restore_args(
             f"item, so CheckpointManager.restore cannot take these args. Use "
             f"ff.checkpoint.restore({str(directory)!r}, target) instead."
         )
-    return RestoreArgs(_plan(layout, target, flags, partial), target, step)
+    return RestoreArgs(_plan(layout, target, flags, partial), target, step, verify)
 
 
 def restore(
@@ -1326,6 +1636,7 @@ def restore(
     *,
     flags: Literal["checkpoint", "target"] = "checkpoint",
     partial: bool = False,
+    verify: bool = True,
 ) -> T:
     """Restores a checkpoint into ``target``, with its frozen flags.
 
@@ -1361,6 +1672,17 @@ def restore(
     Modules and optimizers (concrete or abstract) are filled in place; pytrees
     are immutable and come back rebuilt. Use the return value.
 
+    Safety: nothing in the target changes until every check has passed. The
+    checkpoint's files must be directories and regular files (links only
+    within it); its flags must match its stored arrays (paths, shapes, dtypes,
+    key implementations) and come from the same save as them; each array read
+    must match the checksum recorded when it was saved (``verify=False`` skips
+    that); paths tied in the target must hold equal values in the checkpoint.
+    A checkpoint that flax_freeze wrote is never read as a plain orbax one: a
+    missing or damaged flags item is an error. If another process replaces
+    the checkpoint (``save(..., force=True)``) while it is read, the restore
+    starts again, so flags and arrays always come from one save.
+
     Args:
         directory: a checkpoint written by :func:`save`, by
             ``CheckpointManager.save`` with :func:`save_args` (one step's
@@ -1374,6 +1696,9 @@ def restore(
             arrays are not read; a :class:`PartialRestoreWarning` lists both.
             Paths start from the saved node: the model of a ``(model, opt)``
             checkpoint restores into the target ``(model,)``.
+        verify: check each array read against its recorded checksum (checkpoints
+            written by flax_freeze 0.2 and later). Costs one pass over the
+            arrays where they live (see ``benchmarks/checkpoint_cost.py``).
 
     Returns:
         ``target`` filled from the checkpoint.
@@ -1381,9 +1706,12 @@ def restore(
     Raises:
         FileNotFoundError: if ``directory`` does not exist.
         ValueError: if ``directory`` is not a checkpoint or is unfinished; if
-            its flags item is not valid JSON or names unknown paths; if shapes
-            or dtypes differ; if paths are missing from either side (unless
-            ``partial``); if ``flags`` is not one of the two values.
+            it holds files other than directories and regular files; if its
+            flags item is missing, not valid JSON, or does not match its arrays;
+            if an array cannot be read or does not match its checksum; if tied
+            paths differ; if shapes or dtypes differ; if paths are missing from
+            either side (unless ``partial``); if ``flags`` is not one of the
+            two values.
 
     Example:
         >>> import os, tempfile
@@ -1412,19 +1740,77 @@ def restore(
         >>> type(restored.params["kernel"]).__name__, restored.opt_state[0].mu["kernel"]
         ('FrozenBox', None)
     """
-    layout = _locate(directory)
-    plan = _plan(layout, target, flags, partial)
-    args = plan.state_args()
+    path = _absolute(directory)
+    for attempt in range(1, _ATTEMPTS + 1):
+        identity = None
+        try:
+            layout = _locate(path)
+            identity = _identity(layout.root)
+            plan = _plan(layout, target, flags, partial)
+            restored = _read_arrays(plan)
+        except (FileNotFoundError, ValueError):
+            if attempt < _ATTEMPTS and _being_replaced(path, identity):
+                time.sleep(0.02 * attempt)
+                continue
+            raise
+        if _identity(path) == identity:
+            return plan.finish(target, restored, verify)
+        time.sleep(0.02 * attempt)
+    raise ValueError(
+        f"Checkpoint {str(path)!r} was replaced by other saves {_ATTEMPTS} times while it was "
+        "being read. Restore it when no save to it is running, or restore from a "
+        "CheckpointManager step, which is never replaced."
+    )
+
+
+def _identity(path: epath.Path) -> tuple[int, ...] | None:
+    """What tells one checkpoint directory at ``path`` from the next one saved there.
+
+    A forced save puts a new directory in place by renaming: a different inode,
+    or at least a different change time. None where it cannot be told (the
+    path is missing, or not on a local file system).
+    """
+    if not is_local(path):
+        return None
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino, info.st_ctime_ns)
+
+
+def _being_replaced(path: epath.Path, identity: tuple[int, ...] | None) -> bool:
+    """Whether a failed read may be a save replacing ``path`` meanwhile (then read again)."""
+    if identity is None:  # it was missing: between the two renames of a forced save?
+        return bool(leftovers(path, NEW) or leftovers(path, OLD)) or path.exists()
+    return _identity(path) != identity
+
+
+def _orbax_read(layout: _Layout, args: ocp.args.PyTreeRestore) -> Any:
     if layout.item is None:
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-            restored = checkpointer.restore(layout.root, args=args)
-    else:
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-            composite = checkpointer.restore(
-                layout.root, args=ocp.args.Composite(**{layout.item: args})
-            )
-        restored = composite[layout.item]
-    return plan.finish(target, restored)
+            return checkpointer.restore(layout.root, args=args)
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        composite = checkpointer.restore(
+            layout.root, args=ocp.args.Composite(**{layout.item: args})
+        )
+    return composite[layout.item]
+
+
+def _read_arrays(plan: _Plan) -> Any:
+    """Reads the planned arrays; a damaged array is an error naming its path."""
+    try:
+        return _orbax_read(plan.layout, plan.state_args())
+    except Exception as err:  # any failure here is damage below the metadata
+        first = _one_line(err)
+    bad = []
+    for key in sorted(plan.keys()):
+        try:
+            _orbax_read(plan.layout, plan.state_args([key]))
+        except Exception:  # noqa: BLE001 - each failing array is named
+            bad.append(join(key))
+    where = f"at {show(bad)}" if bad else "(no single array fails alone)"
+    raise _damaged(plan.layout, f"has arrays that cannot be read {where}: {first}")
 
 
 # --------------------------------------------------------------------------------------

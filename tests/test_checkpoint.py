@@ -123,7 +123,9 @@ def test_flags_records_paths_and_types(tmp_path):
     assert flags.keys == {"drop/rngs/key": "threefry2x32"}
     data = json.loads((tmp_path / "ckpt" / "flags" / "metadata").read_text())
     assert data["format"] == ffc.FORMAT
-    assert data["version"] == 1
+    assert data["version"] == 2
+    assert re.fullmatch(r"[0-9a-f]{32}", data["save_id"])
+    assert set(data["checksums"]) == set(data["arrays"])
 
 
 class LoRANet(nnx.Module):
@@ -575,7 +577,7 @@ def flags_json(path):
         (lambda d: "{not json", r"flags item of checkpoint .* is not valid JSON"),
         (lambda d: {**d, "format": "other"}, r"is not a flax_freeze flags item \(format 'other'\)"),
         (lambda d: [1], r"is not a flax_freeze flags item \(format 'list'\)"),
-        (lambda d: {**d, "version": 2}, r"has version 2; this flax_freeze reads version 1"),
+        (lambda d: {**d, "version": 3}, r"has version 3; this flax_freeze reads version 2"),
         (lambda d: {**d, "frozen": "b"}, r"has a malformed 'frozen' entry: 'b'"),
         (lambda d: {**d, "types": {"a": 1}}, r"has a malformed 'types' entry"),
         (lambda d: {**d, "optimizers": []}, r"has a malformed 'optimizers' entry: \[\]"),
@@ -594,7 +596,8 @@ def flags_json(path):
         ),
         (
             lambda d: {**d, "trained_dtypes": {"b": "f99"}},
-            r"has a malformed 'trained_dtypes' entry: \{'b': 'f99'\}",
+            r"has a malformed 'trained_dtypes' entry \(parameters are trained in floating "
+            r"dtypes\): \{'b': 'f99'\}",
         ),
         (
             lambda d: {**d, "trainable": ["a", "b"]},
@@ -606,7 +609,11 @@ def flags_json(path):
             r"malformed 'arrays' entry for 'a': \{'shape': \[3\], 'dtype': 'f99'\}",
         ),
         (
-            lambda d: {**d, "arrays": {**d["arrays"], "c": {"shape": [], "dtype": "int32"}}},
+            lambda d: {
+                **d,
+                "arrays": {**d["arrays"], "c": {"shape": [], "dtype": "int32"}},
+                "checksums": {**d["checksums"], "c": "0" * 16},
+            },
             r"does not list the arrays its state item holds: listed but not stored \[c\], "
             r"stored but not listed \[\]",
         ),
@@ -645,7 +652,7 @@ def test_damaged_checkpoints(tmp_path):
     path = saved(tmp_path, name="other")
     (path / "state" / "_METADATA").write_text("garbage")
     with pytest.raises(
-        ValueError, match=r"Cannot read the array metadata of checkpoint .*other/state"
+        ValueError, match=r"The array metadata of checkpoint '.*other' is not valid JSON"
     ):
         ff.checkpoint.restore(path, {"a": jnp.zeros(3), "b": jnp.zeros(2)})
 
@@ -734,7 +741,7 @@ def test_save_refuses_to_overwrite_without_force(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     (tmp_path / "file").write_text("x")
     with pytest.raises(
-        ValueError, match=r"`directory` '.*file' is a file, not a checkpoint; remove it"
+        ValueError, match=r"`directory` '.*file' is a file, not a checkpoint\. save\(\.\.\., force=True\) replaces only"
     ):
         ff.checkpoint.save(tmp_path / "file", {"a": jnp.ones(3)}, force=True)
 
