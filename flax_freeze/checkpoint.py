@@ -60,13 +60,16 @@ Several processes (``jax.distributed``) save and restore together: each calls
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
+import re
+import sys
 import time
 import uuid
 import warnings
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -417,6 +420,7 @@ def save(directory: str | epath.PathLike, node: Any, *, force: bool = False) -> 
     exists = False
     if primary:
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             lock.acquire()
             exists = _prepare(path, force)
         except (ValueError, OSError) as err:
@@ -452,7 +456,6 @@ def _prepare(path: epath.Path, force: bool) -> bool:
     the leftovers of killed saves, and checks that an existing ``path`` may be
     replaced.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     moved = leftovers(path, OLD)
     if moved and not path.exists():
         moved[0].rename(path)  # a save was killed between its two renames
@@ -666,11 +669,13 @@ def _orbax_metadata(layout: _Layout) -> dict[Key, _Stored]:
     """Shapes and dtypes of the stored arrays from orbax's metadata (opens each array)."""
     handler = ocp.PyTreeCheckpointHandler()
     try:
-        tree = handler.metadata(layout.state_dir).tree
+        with _quiet_failure():
+            tree = handler.metadata(layout.state_dir).tree
     except Exception as err:  # any failure here means a damaged checkpoint
-        raise ValueError(
-            f"Cannot read the array metadata of checkpoint {str(layout.state_dir)!r}: "
-            f"{_one_line(err)}. The checkpoint is damaged or incomplete."
+        found = re.search(r'"([^"]+)/\.zarray"', str(err))
+        which = f" of {found.group(1).replace('.', '/')!r}" if found else ""
+        raise _damaged(
+            layout, f"has array metadata{which} that cannot be read ({_one_line(err)})"
         ) from None
     finally:
         handler.close()
@@ -720,19 +725,16 @@ def _read(layout: _Layout) -> tuple[dict[Key, _Stored], Flags | None]:
     where = str(layout.root)
     metadata = _state_metadata(layout)
     mark = _mark(metadata)
-    if layout.has_flags:
-        data = _read_flags_json(layout)
-    elif mark is not None or layout.flags_listed:
+    data = _read_flags_json(layout) if layout.has_flags else None
+    if not layout.has_flags and (mark is not None or layout.flags_listed):
         raise _damaged(
             layout,
             f"was written by flax_freeze but has no {FLAGS!r} item, so its frozen flags are "
             "lost; it is not read as a plain orbax checkpoint (which would make every "
             "parameter trainable)",
         )
-    else:
-        data = None
     stored = _orbax_metadata(layout)
-    if data is None:
+    if not layout.has_flags:
         return stored, None
     flags = Flags.from_json(data, where, None)
     names = {join(k): v for k, v in stored.items()}
@@ -1786,7 +1788,39 @@ def _being_replaced(path: epath.Path, identity: tuple[int, ...] | None) -> bool:
     return _identity(path) != identity
 
 
+@contextlib.contextmanager
+def _quiet_failure() -> Iterator[None]:
+    """Keeps a failing orbax read from printing stray tracebacks.
+
+    When TensorStore fails to read a damaged array, orbax closes its event loop
+    while other reads are still pending; their completion callbacks then raise
+    "Event loop is closed", which Python prints as unraisable exceptions. The
+    error itself is raised as usual; the noise is dropped while the pending
+    reads finish.
+    """
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    except BaseException:
+        time.sleep(0.2)  # the pending reads finish and their callbacks fail meanwhile
+        raise
+    finally:
+        sys.unraisablehook = previous
+
+
 def _orbax_read(layout: _Layout, args: ocp.args.PyTreeRestore) -> Any:
+    with _quiet_failure():
+        return _orbax_read_now(layout, args)
+
+
+def _orbax_read_now(layout: _Layout, args: ocp.args.PyTreeRestore) -> Any:
     if layout.item is None:
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
             return checkpointer.restore(layout.root, args=args)
@@ -1804,11 +1838,13 @@ def _read_arrays(plan: _Plan) -> Any:
     except Exception as err:  # any failure here is damage below the metadata
         first = _one_line(err)
     bad = []
-    for key in sorted(plan.keys()):
-        try:
-            _orbax_read(plan.layout, plan.state_args([key]))
-        except Exception:  # noqa: BLE001 - each failing array is named
-            bad.append(join(key))
+    with _quiet_failure():
+        for key in sorted(plan.keys()):
+            try:
+                _orbax_read_now(plan.layout, plan.state_args([key]))
+            except Exception:  # noqa: BLE001 - each failing array is named
+                bad.append(join(key))
+        time.sleep(0.2 if bad else 0)  # see _quiet_failure
     where = f"at {show(bad)}" if bad else "(no single array fails alone)"
     raise _damaged(plan.layout, f"has arrays that cannot be read {where}: {first}")
 
