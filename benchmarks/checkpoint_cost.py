@@ -8,7 +8,10 @@ opt))`` (waiting for it to finish), then restoring into the abstract state
 ``ff.checkpoint.save`` and ``ff.checkpoint.restore`` into the same abstract
 ``(model, optimizer)``; "fresh" restores into an all-trainable one, which also
 re-types the model and rebuilds the optimizer's state structure (plain orbax
-cannot restore into that at all). Each round runs every variant once, taking
+cannot restore into that at all); "unverified" restores with ``verify=False``
+(no checksums checked), which shows what verifying costs, and "checksums" times
+computing the checksum of every array alone (what a save adds for them). Each
+round runs every variant once, taking
 turns to go first; a ratio is the median over ``--repeats`` rounds of the
 ratio within a round, which is robust to a machine whose load drifts. The
 target: at most 1.1x plain orbax.
@@ -37,6 +40,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import flax_freeze as ff
+from flax_freeze._ckpt_checksum import checksum
 
 SIZES = {"MLP 4x256": (256, 4), "MLP 8x1024": (1024, 8), "MLP 8x2048": (2048, 8)}
 
@@ -91,7 +95,12 @@ def measure(width: int, depth: int, repeats: int, root: Path) -> dict[str, Any]:
             lambda p: ff.checkpoint.save(p, node),
             lambda p: ff.checkpoint.restore(p, abstract(False)),
         ),
+        "ff unverified": (
+            lambda p: ff.checkpoint.save(p, node),
+            lambda p: ff.checkpoint.restore(p, abstract(True), verify=False),
+        ),
     }
+    arrays = jax.tree.leaves(nnx.state(node))
     times: dict[str, list[float]] = {}
     names = list(variants)
     for i in range(repeats + 1):  # the first round warms up
@@ -112,6 +121,11 @@ def measure(width: int, depth: int, repeats: int, root: Path) -> dict[str, Any]:
             if i:
                 times.setdefault(f"{name} save", []).append(saved)
                 times.setdefault(f"{name} restore", []).append(restored)
+        start = time.perf_counter()
+        for x in arrays:
+            checksum(x)
+        if i:
+            times.setdefault("checksums", []).append(time.perf_counter() - start)
 
     def paired(ff_key: str, plain_key: str) -> float:
         """Median over rounds of the ratio within a round (runs close in time)."""
@@ -132,6 +146,8 @@ def measure(width: int, depth: int, repeats: int, root: Path) -> dict[str, Any]:
             "restore": paired("ff restore", "plain restore"),
             "fresh restore": paired("ff fresh restore", "plain restore"),
             "save + restore": paired("ff total", "plain total"),
+            "verify": paired("ff restore", "ff unverified restore"),
+            "checksums / save": paired("checksums", "ff save"),
         },
         "times": times,
     }
@@ -167,7 +183,8 @@ def main(
             results["models"][name] = measure(width, depth, repeats, Path(directory))
     header = (
         f"{'state':<11} {'MiB':>6}  {'save':>6} {'ff':>6} {'ratio':>6}  {'restore':>7} "
-        f"{'ff':>6} {'ratio':>6}  {'fresh':>6} {'ratio':>6}  {'total ratio':>11}"
+        f"{'ff':>6} {'ratio':>6}  {'fresh':>6} {'ratio':>6}  {'total ratio':>11}  "
+        f"{'verify':>6}  {'checksums':>9}"
     )
     print(header)
     print("-" * len(header))
@@ -177,13 +194,15 @@ def main(
             f"{name:<11} {r['state_mib']:>6.1f}  {t['plain save']:>6.3f} {t['ff save']:>6.3f} "
             f"{q['save']:>5.2f}x  {t['plain restore']:>7.3f} {t['ff restore']:>6.3f} "
             f"{q['restore']:>5.2f}x  {t['ff fresh restore']:>6.3f} {q['fresh restore']:>5.2f}x  "
-            f"{q['save + restore']:>10.2f}x"
+            f"{q['save + restore']:>10.2f}x  {q['verify']:>5.2f}x  {t['checksums']:>9.4f}"
         )
     print(
         f"\nseconds: medians of {repeats} rounds; save/restore: plain orbax, ff: ff.checkpoint; "
         "ratio: ff / plain, the median over rounds of the ratio within each round; fresh: "
         "ff.checkpoint.restore into an all-trainable target (re-typed, optimizer rebuilt; "
-        "plain orbax cannot restore into it); total: save + restore."
+        "plain orbax cannot restore into it); total: save + restore; verify: ff restore / "
+        "ff restore with verify=False; checksums: seconds to checksum every array (part of "
+        "ff save)."
     )
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)

@@ -1,27 +1,32 @@
 """Content checksums of stored arrays: recorded at save time, verified on restore.
 
-The checksum of an array is computed over its bytes as 32-bit words (one word
-per element for 1- and 2-byte dtypes, several for wider ones): the sum of the
-words and the sum of each word times an odd number that depends on its
-position, both modulo 2**32. Any change of one element changes the second sum,
-so a flipped byte or bit is always caught; it is an integrity check against
-damage, not a cryptographic hash.
+A checksum is a string that names its algorithm:
 
-JAX arrays are summed where they live, in one small jitted reduction per shape
-and dtype (no copy to the host, sharded arrays included, the same result on
-every process); NumPy arrays and numbers are summed with NumPy. Both give the
-same hex string for the same values.
+* ``crc32:<8 hex digits>``: the CRC-32 of the array's bytes (C order), for
+  arrays a process holds whole: NumPy arrays, numbers and fully addressable
+  JAX arrays (read in place on the CPU, copied to the host from an
+  accelerator). It catches every change of up to 32 consecutive bits.
+* ``sum:<16 hex digits>``: for a JAX array sharded over several processes,
+  computed where it lives in one small jitted reduction, the same on every
+  process: the sum of its 32-bit words and the sum of each word times an
+  odd number that depends on its position, both modulo 2**32, so that a
+  change of any one element is caught.
+
+Both are integrity checks against damage, not cryptographic hashes.
 """
 
 from __future__ import annotations
 
 import functools
+import re
+import zlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 _MASK = 0xFFFFFFFF
@@ -96,24 +101,50 @@ def _jitted(sharding: Any) -> Any:
     return jax.jit(_jnp_sums)
 
 
-def _hex(a: int, b: int) -> str:
-    return f"{a:08x}{b:08x}"
+#: What a recorded checksum looks like.
+PATTERN = re.compile(r"crc32:[0-9a-f]{8}|sum:[0-9a-f]{16}")
 
 
-def checksum(value: Any) -> str:
-    """The content checksum of an array or number, as 16 hex digits.
+def _sum(value: Any) -> str:
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        if value.size == 0:
+            return "sum:" + "0" * 16
+        sharding = value.sharding if isinstance(value.sharding, NamedSharding) else None
+        data = np.asarray(_jitted(sharding)(value).addressable_data(0))
+        a, b = int(data[0]), int(data[1])
+    else:
+        a, b = _np_sums(np.asarray(value))
+    return f"sum:{a:08x}{b:08x}"
+
+
+def _host(value: Any) -> np.ndarray:
+    """The whole array on this host (gathered from every process if it is sharded over them)."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        value = multihost_utils.process_allgather(value, tiled=True)
+    return np.ascontiguousarray(np.asarray(value))
+
+
+def checksum(value: Any, kind: str | None = None) -> str:
+    """The content checksum of an array or number.
 
     Args:
         value: a JAX array (concrete; sharded or not), a NumPy array or a number.
+        kind: ``"crc32"`` or ``"sum"``; by default ``"sum"`` for a JAX array
+            sharded over several processes, else ``"crc32"``.
 
     Returns:
-        The checksum, the same for equal values in either kind of array.
+        The checksum, e.g. ``"crc32:1c291ca3"``; equal values give equal
+        checksums wherever they live.
     """
-    if isinstance(value, jax.Array):
-        if value.size == 0:
-            return _hex(0, 0)
-        sharding = value.sharding if isinstance(value.sharding, NamedSharding) else None
-        sums = _jitted(sharding)(value)
-        data = np.asarray(sums.addressable_data(0))
-        return _hex(int(data[0]), int(data[1]))
-    return _hex(*_np_sums(np.asarray(value)))
+    if kind is None:
+        sharded = isinstance(value, jax.Array) and not value.is_fully_addressable
+        kind = "sum" if sharded else "crc32"
+    if kind == "sum":
+        return _sum(value)
+    data = _host(value)
+    return f"crc32:{zlib.crc32(data.reshape(-1).view(np.uint8).data):08x}"
+
+
+def matches(value: Any, recorded: str) -> bool:
+    """Whether ``value`` has the ``recorded`` checksum (computed the way it was recorded)."""
+    return checksum(value, recorded.partition(":")[0]) == recorded

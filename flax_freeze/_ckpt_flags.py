@@ -10,6 +10,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from ._ckpt_checksum import PATTERN
 from ._filters import Path, path_str
 
 #: The ``format`` entry of a flags item written by ``ff.checkpoint``.
@@ -18,7 +19,6 @@ FORMAT = "flax_freeze.checkpoint"
 VERSION = 2
 _SHOWN = 8
 _HEX = re.compile(r"[0-9a-f]{32}")
-_CHECKSUM = re.compile(r"[0-9a-f]{16}")
 
 
 def show(paths: Iterable[str]) -> str:
@@ -56,8 +56,9 @@ class Flags:
         save_id: a random identifier of the save, also written in the state
             item's metadata, so that a restore reads flags and arrays of one
             save (None in version 1 checkpoints).
-        checksums: for each stored array, a checksum of its content (16 hex
-            digits), verified on restore (empty in version 1 checkpoints).
+        checksums: for each stored array, a checksum of its content (e.g.
+            ``"crc32:1c291ca3"``), verified on restore (empty in version 1
+            checkpoints).
     """
 
     frozen: frozenset[str] = frozenset()
@@ -160,10 +161,10 @@ class Flags:
             raise bad(f"has a malformed 'save_id' entry: {save_id!r:.200}")
         checksums = mapping("checksums")
         if version >= 2:
-            malformed = {k: v for k, v in checksums.items() if not _CHECKSUM.fullmatch(v)}
+            malformed = {k: v for k, v in checksums.items() if not PATTERN.fullmatch(v)}
             if malformed or set(checksums) != set(arrays):
                 raise bad(
-                    f"has a malformed 'checksums' entry: it must give 16 hex digits for each "
+                    f"has a malformed 'checksums' entry: it must give a checksum for each "
                     f"stored array ({show(set(checksums) ^ set(arrays) | set(malformed))})"
                 )
         flags = cls(

@@ -61,6 +61,7 @@ Several processes (``jax.distributed``) save and restore together: each calls
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import math
 import os
@@ -86,7 +87,7 @@ from flax.training import train_state
 from jax.experimental import multihost_utils
 
 from ._boxes import FrozenBox, is_frozen_box, strip_frozen
-from ._ckpt_checksum import checksum
+from ._ckpt_checksum import checksum, matches
 from ._ckpt_files import check_tree, is_local, protected, read_json, unexpected_entries
 from ._ckpt_flags import FORMAT as FORMAT
 from ._ckpt_flags import Flags, show
@@ -714,13 +715,18 @@ def _read_flags_json(layout: _Layout) -> Any:
         ) from None
 
 
-def _read(layout: _Layout) -> tuple[dict[Key, _Stored], Flags | None]:
+def _read(layout: _Layout, thorough: bool = True) -> tuple[dict[Key, _Stored], Flags | None]:
     """The stored arrays' shapes and dtypes, and the flags: metadata only, no array data.
 
     A checkpoint that flax_freeze wrote (its state item carries flax_freeze's
     mark, or its Composite metadata lists a flags item) must have valid flags
     that match its arrays: paths, shapes, dtypes, PRNG key implementations,
-    and the save identifier of the state item.
+    and the save identifier of the state item. ``thorough`` compares shapes
+    and dtypes with orbax's metadata of each array (which opens every array);
+    otherwise, for flags with checksums, only the paths are compared here and
+    the checksums verified on reading stand for the rest (a stored array of
+    another shape or dtype than the flags say is read wrong, fails its
+    checksum, and :meth:`_Plan.check` then compares thoroughly to say why).
     """
     where = str(layout.root)
     metadata = _state_metadata(layout)
@@ -733,32 +739,28 @@ def _read(layout: _Layout) -> tuple[dict[Key, _Stored], Flags | None]:
             "lost; it is not read as a plain orbax checkpoint (which would make every "
             "parameter trainable)",
         )
-    stored = _orbax_metadata(layout)
     if not layout.has_flags:
-        return stored, None
+        return _orbax_metadata(layout), None
     flags = Flags.from_json(data, where, None)
-    names = {join(k): v for k, v in stored.items()}
-    if set(flags.arrays) != set(names):
-        missing, extra = set(flags.arrays) - set(names), set(names) - set(flags.arrays)
+    names = {
+        join(str(k["key"]) for k in leaf["key_metadata"])
+        for leaf in metadata["tree_metadata"].values()
+    }
+    if set(flags.arrays) != names:
+        missing, extra = set(flags.arrays) - names, names - set(flags.arrays)
         raise ValueError(
             f"The flags item of checkpoint {where!r} does not list the arrays its state item "
             f"holds: listed but not stored {show(missing)}, stored but not listed "
             f"{show(extra)}. The checkpoint was edited or damaged; restore its arrays with "
             "plain orbax if you need them."
         )
-    differ = [
-        f"{name} (flags {shape} {dtype}, stored {names[name].shape} {names[name].dtype})"
+    stored = {
+        tuple(name.split("/")): _Stored(shape, np.dtype(dtype))
         for name, (shape, dtype) in flags.arrays.items()
-        if names[name].shape != shape
-        or names[name].dtype is None
-        or names[name].dtype != np.dtype(dtype)
-    ]
-    if differ:
-        raise ValueError(
-            f"The flags item of checkpoint {where!r} does not match its stored arrays: "
-            f"{show(differ)}. The checkpoint was edited or damaged."
-        )
-    _check_keys(flags, names, where)
+    }
+    if thorough or not flags.checksums:
+        _check_stored(flags, _orbax_metadata(layout), where)
+    _check_keys(flags, {join(k): v for k, v in stored.items()}, where)
     saved_id = mark.get("save_id") if mark is not None else None
     if (flags.save_id is not None or mark is not None) and saved_id != flags.save_id:
         raise ValueError(
@@ -767,6 +769,24 @@ def _read(layout: _Layout) -> tuple[dict[Key, _Stored], Flags | None]:
             "damaged. Restore an earlier checkpoint."
         )
     return stored, flags
+
+
+def _check_stored(flags: Flags, stored: Mapping[Key, _Stored], where: str) -> None:
+    """Checks that the shapes and dtypes the flags give are those of the stored arrays."""
+    names = {join(k): v for k, v in stored.items()}
+    differ = [
+        f"{name} (flags {shape} {dtype}, stored {names[name].shape} {names[name].dtype})"
+        for name, (shape, dtype) in flags.arrays.items()
+        if name not in names
+        or names[name].shape != shape
+        or names[name].dtype is None
+        or names[name].dtype != np.dtype(dtype)
+    ]
+    if differ:
+        raise ValueError(
+            f"The flags item of checkpoint {where!r} does not match its stored arrays: "
+            f"{show(differ)}. The checkpoint was edited or damaged."
+        )
 
 
 def _check_keys(flags: Flags, stored: Mapping[str, _Stored], where: str) -> None:
@@ -1135,9 +1155,10 @@ class _Plan:
         damaged = [
             join(key)
             for key, value in arrays.items()
-            if join(key) in checksums and checksum(value) != checksums[join(key)]
+            if join(key) in checksums and not matches(value, checksums[join(key)])
         ]
         if damaged:
+            _read(self.layout, thorough=True)  # raises if the flags lie about the arrays
             raise ValueError(
                 f"Checkpoint {where!r} is damaged: the arrays at {show(damaged)} do not match "
                 "the checksums recorded when they were saved. Restore an earlier checkpoint "
@@ -1242,14 +1263,14 @@ def _candidates(entry: Entry, stored: Mapping[Key, _Stored]) -> list[Key]:
     return [c for k in entry.keys() for c in (k, (*k, "value")) if c in stored]
 
 
-def _plan(layout: _Layout, target: Any, flags: str, partial: bool) -> _Plan:
+def _plan(layout: _Layout, target: Any, flags: str, partial: bool, verify: bool) -> _Plan:
     """Works out a restore: reads flags and metadata, checks them, plans the re-typing."""
     if flags not in ("checkpoint", "target"):
         raise ValueError(
             f"`flags` must be 'checkpoint' (re-type the target to the saved flags) or "
             f"'target' (keep the target's), got {flags!r}."
         )
-    stored, saved = _read(layout)
+    stored, saved = _read(layout, thorough=not verify)
     where = str(layout.root)
     walked = walk(target)
     entries = [e for e in walked.entries if is_tree_leaf(e.value)]
@@ -1317,6 +1338,8 @@ def _plan(layout: _Layout, target: Any, flags: str, partial: bool) -> _Plan:
             impls[key] = impl
     unused = [join(k) for k in stored if k not in consumed]
     if mismatched:
+        if saved is not None and saved.checksums and verify:
+            _read(layout, thorough=True)  # the flags may lie about the stored arrays
         raise ValueError(
             f"Checkpoint {where!r} does not fit `target` ({type(target).__name__}): shapes or "
             f"dtypes differ at {len(mismatched)} path(s): {show(mismatched)}. Build the target "
@@ -1629,7 +1652,7 @@ def restore_args(
             f"item, so CheckpointManager.restore cannot take these args. Use "
             f"ff.checkpoint.restore({str(directory)!r}, target) instead."
         )
-    return RestoreArgs(_plan(layout, target, flags, partial), target, step, verify)
+    return RestoreArgs(_plan(layout, target, flags, partial, verify), target, step, verify)
 
 
 def restore(
@@ -1698,9 +1721,12 @@ def restore(
             arrays are not read; a :class:`PartialRestoreWarning` lists both.
             Paths start from the saved node: the model of a ``(model, opt)``
             checkpoint restores into the target ``(model,)``.
-        verify: check each array read against its recorded checksum (checkpoints
-            written by flax_freeze 0.2 and later). Costs one pass over the
-            arrays where they live (see ``benchmarks/checkpoint_cost.py``).
+        verify: check each array read against the checksum recorded when it
+            was saved (checkpoints written by this version of flax_freeze and
+            later): one CRC-32 pass over the arrays (see
+            ``benchmarks/checkpoint_cost.py``). With ``verify=False`` the
+            arrays are read unchecked, and the flags' shapes and dtypes are
+            compared with orbax's metadata of each array instead.
 
     Returns:
         ``target`` filled from the checkpoint.
@@ -1748,7 +1774,7 @@ def restore(
         try:
             layout = _locate(path)
             identity = _identity(layout.root)
-            plan = _plan(layout, target, flags, partial)
+            plan = _plan(layout, target, flags, partial, verify)
             restored = _read_arrays(plan)
         except (FileNotFoundError, ValueError):
             if attempt < _ATTEMPTS and _being_replaced(path, identity):
@@ -1788,31 +1814,46 @@ def _being_replaced(path: epath.Path, identity: tuple[int, ...] | None) -> bool:
     return _identity(path) != identity
 
 
+def _without_loop_noise(previous: Any) -> Any:
+    """An unraisable-exception hook that drops "Event loop is closed" and passes on the rest."""
+    if getattr(previous, "drops_loop_noise", False):
+        return previous
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        closed = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+        unawaited = isinstance(error, RuntimeWarning) and "was never awaited" in str(error)
+        if not (closed or unawaited):
+            previous(unraisable)
+
+    hook.drops_loop_noise = True  # type: ignore[attr-defined]
+    return hook
+
+
 @contextlib.contextmanager
 def _quiet_failure() -> Iterator[None]:
     """Keeps a failing orbax read from printing stray tracebacks.
 
     When TensorStore fails to read a damaged array, orbax closes its event loop
     while other reads are still pending; their completion callbacks then raise
-    "Event loop is closed", which Python prints as unraisable exceptions. The
-    error itself is raised as usual; the noise is dropped while the pending
-    reads finish.
+    "Event loop is closed", which Python prints as unraisable exceptions, at
+    any time later, and coroutines it never awaited warn when collected. The
+    error itself is raised as usual. After a failure the hook that drops
+    exactly that noise stays installed (every other unraisable exception goes
+    to the previous hook).
     """
     previous = sys.unraisablehook
-
-    def hook(unraisable: Any) -> None:
-        error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
-            previous(unraisable)
-
-    sys.unraisablehook = hook
+    sys.unraisablehook = _without_loop_noise(previous)
     try:
         yield
     except BaseException:
-        time.sleep(0.2)  # the pending reads finish and their callbacks fail meanwhile
+        # The hook stays: the pending reads fail later. Coroutines orbax left
+        # unawaited are collected now, without their "never awaited" warnings.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            gc.collect()
         raise
-    finally:
-        sys.unraisablehook = previous
+    sys.unraisablehook = previous
 
 
 def _orbax_read(layout: _Layout, args: ocp.args.PyTreeRestore) -> Any:
@@ -1837,14 +1878,14 @@ def _read_arrays(plan: _Plan) -> Any:
         return _orbax_read(plan.layout, plan.state_args())
     except Exception as err:  # any failure here is damage below the metadata
         first = _one_line(err)
+    if plan.saved is not None:
+        _read(plan.layout, thorough=True)  # flags that lie about the arrays: say so
     bad = []
-    with _quiet_failure():
-        for key in sorted(plan.keys()):
-            try:
-                _orbax_read_now(plan.layout, plan.state_args([key]))
-            except Exception:  # noqa: BLE001 - each failing array is named
-                bad.append(join(key))
-        time.sleep(0.2 if bad else 0)  # see _quiet_failure
+    for key in sorted(plan.keys()):
+        try:
+            _orbax_read(plan.layout, plan.state_args([key]))
+        except Exception:  # noqa: BLE001 - each failing array is named
+            bad.append(join(key))
     where = f"at {show(bad)}" if bad else "(no single array fails alone)"
     raise _damaged(plan.layout, f"has arrays that cannot be read {where}: {first}")
 

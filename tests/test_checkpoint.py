@@ -612,7 +612,7 @@ def flags_json(path):
             lambda d: {
                 **d,
                 "arrays": {**d["arrays"], "c": {"shape": [], "dtype": "int32"}},
-                "checksums": {**d["checksums"], "c": "0" * 16},
+                "checksums": {**d["checksums"], "c": "crc32:" + "0" * 8},
             },
             r"does not list the arrays its state item holds: listed but not stored \[c\], "
             r"stored but not listed \[\]",
@@ -1184,6 +1184,8 @@ def test_cost_benchmark_runs(tmp_path, capsys):
         "restore",
         "fresh restore",
         "save + restore",
+        "verify",
+        "checksums / save",
     }
     assert json.loads((tmp_path / "checkpoint_cost.json").read_text())["repeats"] == 1
     assert "MLP 2x32" in capsys.readouterr().out

@@ -332,7 +332,7 @@ def test_a_changed_array_names_its_path_and_verify_false_reads_it(tmp_path):
     path = tmp_path / "ckpt"
     ff.checkpoint.save(path, tree(1.0))
     flags = json.loads((path / "flags" / "metadata").read_text())
-    flags["checksums"]["w"] = "0" * 16  # as if the array had changed since it was saved
+    flags["checksums"]["w"] = "crc32:00000000"  # as if the array had changed since it was saved
     (path / "flags" / "metadata").write_text(json.dumps(flags))
     with pytest.raises(
         ValueError,
@@ -347,12 +347,18 @@ def test_checksums_are_the_same_on_device_and_on_host_for_every_dtype():
     from flax_freeze._ckpt_checksum import checksum
 
     x = jax.random.normal(jax.random.key(0), (5, 7, 3)) * 10
-    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16, jnp.int8, jnp.uint8, jnp.bool_):
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16, jnp.int8, jnp.uint8, jnp.bool_, jnp.int4):
         a = x.astype(dtype)
-        assert checksum(a) == checksum(np.asarray(a)), dtype
-    changed = np.asarray(x).copy()
-    changed.reshape(-1).view(np.uint8)[37] ^= 1
-    assert checksum(changed) != checksum(np.asarray(x))
+        for kind in ("crc32", "sum"):
+            assert checksum(a, kind) == checksum(np.asarray(a), kind), (dtype, kind)
+    assert re.fullmatch(r"crc32:[0-9a-f]{8}", checksum(x))
+    assert re.fullmatch(r"sum:[0-9a-f]{16}", checksum(x, "sum"))
+    for position in (0, 37, x.nbytes - 1):
+        for bit in (0, 7):
+            changed = np.asarray(x).copy()
+            changed.reshape(-1).view(np.uint8)[position] ^= 1 << bit
+            for kind in ("crc32", "sum"):
+                assert checksum(changed, kind) != checksum(x, kind)
 
 
 def test_sharded_arrays_are_checksummed_where_they_live(tmp_path):
