@@ -8,6 +8,7 @@ from ._grad import trainable_tree as trainable_tree
 from ._grad import value_and_grad as value_and_grad
 from ._optimizer import Optimizer as Optimizer
 from ._optimizer import apply_updates as apply_updates
+from ._optimizer import migrate_opt_state as migrate_opt_state
 from ._retype import freeze as freeze
 from ._retype import freezing as freezing
 from ._retype import unfreeze as unfreeze
@@ -29,6 +30,7 @@ __all__ = [
     "freeze",
     "freezing",
     "grad",
+    "migrate_opt_state",
     "stop_frozen",
     "summary",
     "trainable_tree",

@@ -9,6 +9,8 @@ import jax
 from flax import struct
 from flax.core import meta
 
+from ._filters import short_repr
+
 A = TypeVar("A")
 B = TypeVar("B")
 
@@ -117,6 +119,11 @@ def frozen(init: Callable[..., Any]) -> Callable[..., FrozenBox[Any]]:
     Returns:
         An initializer returning ``FrozenBox(init(...))``.
 
+    Raises:
+        TypeError: if ``init`` is not callable; when the parameter is created, if
+            ``init`` returned a function (an initializer factory such as
+            ``nn.initializers.lecun_normal`` passed without calling it).
+
     Example:
         >>> import jax, jax.numpy as jnp
         >>> import flax.linen as nn
@@ -126,9 +133,21 @@ def frozen(init: Callable[..., Any]) -> Callable[..., FrozenBox[Any]]:
         >>> type(variables["params"]["kernel"]).__name__
         'FrozenBox'
     """
+    if not callable(init):
+        raise TypeError(
+            f"`init` must be an initializer function, e.g. nn.initializers.lecun_normal(), "
+            f"got {short_repr(init)}. To start from given values use "
+            "lambda *_: jnp.asarray(values)."
+        )
 
     def frozen_init(*args: Any, **kwargs: Any) -> FrozenBox[Any]:
-        return FrozenBox(init(*args, **kwargs))
+        value = init(*args, **kwargs)
+        if callable(value) and not isinstance(value, jax.Array | meta.AxisMetadata):
+            raise TypeError(
+                f"`init` {short_repr(init)} returned a function, not an array: it is an "
+                "initializer factory. Call it first: ffl.frozen(nn.initializers.lecun_normal())."
+            )
+        return FrozenBox(value)
 
     return frozen_init
 

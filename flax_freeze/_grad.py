@@ -8,12 +8,22 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+import numpy as np
+from flax import linen, nnx
 from flax.nnx import graphlib
 
 from ._boxes import is_frozen_box
-from ._filters import Path, Predicate, to_predicate
-from ._retype import is_raw_trainable, selects_leaf
+from ._filters import (
+    Path,
+    Predicate,
+    listing,
+    matched_nothing,
+    path_str,
+    short_repr,
+    string_filter_advice,
+    to_predicate,
+)
+from ._retype import collect, is_raw_trainable, selects_leaf
 from ._variables import FrozenParam, Trainable
 
 
@@ -81,24 +91,110 @@ def _check_argnums(argnums: Any) -> tuple[int, ...]:
         or not nums
         or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in nums)
     ):
+        hint = ""
+        if graphlib.is_graph_node(argnums) or isinstance(argnums, jax.Array | dict):
+            hint = " The arguments go to the returned function: ff.grad(loss_fn)(model, x)."
         raise TypeError(
-            f"`argnums` must be a non-negative int or a non-empty tuple of them, got {argnums!r}."
+            "`argnums` must be a non-negative int or a non-empty tuple of them, got "
+            f"{short_repr(argnums)}.{hint}"
         )
     if len(set(nums)) != len(nums):
         raise ValueError(f"`argnums` {argnums!r} repeats a position; name each position once.")
     return nums
 
 
+def _check_f(f: Any, has_aux: Any) -> None:
+    if not callable(f):
+        raise TypeError(
+            f"`f` must be the function to differentiate, got {short_repr(f)}. Pass the "
+            "function first and the arguments to the result: ff.grad(loss_fn)(model, x)."
+        )
+    if not isinstance(has_aux, bool | np.bool_):
+        raise TypeError(f"`has_aux` must be True or False, got {short_repr(has_aux)}.")
+
+
+def _describe(out: Any) -> str:
+    if isinstance(out, tuple):
+        return f"a tuple of length {len(out)}"
+    shape = getattr(out, "shape", None)
+    if shape is not None:
+        return f"an array of shape {tuple(shape)}"
+    return f"a {type(out).__name__}"
+
+
+def _split_output(out: Any, has_aux: bool) -> tuple[Any, Any]:
+    """``(loss, aux)`` from what ``f`` returned, with clear errors for a has_aux mismatch."""
+    if has_aux:
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(
+                "With `has_aux=True`, `f` must return a pair (loss, aux), but it returned "
+                f"{_describe(out)}. Return (loss, aux), or pass has_aux=False."
+            )
+        return out
+    if isinstance(out, tuple):
+        raise TypeError(
+            f"`f` returned {_describe(out)}, not a scalar loss. If it returns "
+            "(loss, aux), pass has_aux=True."
+        )
+    return out, None
+
+
+def _not_differentiable(diff: nnx.State) -> list[str]:
+    """Paths (within their argument) of the selected values that have no gradient."""
+    bad = []
+    for path, value in nnx.to_flat_state(diff):
+        raw = value.get_raw_value() if isinstance(value, nnx.Variable) else value
+        if not is_raw_trainable(raw):
+            kind = getattr(raw, "dtype", None) or type(raw).__name__
+            bad.append(f"{path_str(path[2:]) or '(argument)'} ({kind})")
+    return bad
+
+
+def _selected_nothing(
+    func: str, wrt: Any, args: tuple[Any, ...], nums: tuple[int, ...]
+) -> ValueError:
+    """The error for an explicit ``wrt`` that selects nothing in the differentiated arguments."""
+    paths: list[Path] = []
+    for i in nums:
+        sites, raw = collect(args[i])
+        params = [s for s in sites.values() if isinstance(s.variable, nnx.Param | FrozenParam)]
+        prefix = (i,) if len(nums) > 1 else ()
+        paths += [(*prefix, *s.paths[0]) for s in params] + [(*prefix, *p) for p in raw]
+    return matched_nothing(
+        func,
+        wrt,
+        args[nums[0]] if len(nums) == 1 else tuple(args[i] for i in nums),
+        sorted(paths, key=str),
+        argname="wrt",
+        advice=string_filter_advice(wrt),
+        escape="",
+    )
+
+
 def _variables_by_path(tree: Any) -> dict[Path, nnx.Variable]:
     return {path: x for path, x in nnx.iter_graph(tree, graph=True) if isinstance(x, nnx.Variable)}
 
 
-def _grad_general(
-    f: Callable[..., Any], argnums: Any, wrt: Any, has_aux: bool, return_value: bool
+def grad_general(
+    f: Callable[..., Any],
+    argnums: Any,
+    wrt: Any,
+    has_aux: bool,
+    return_value: bool,
+    *,
+    require_match: bool | None = None,
 ) -> Callable[..., Any]:
+    """``grad``/``value_and_grad``; ``require_match``: an empty selection raises.
+
+    By default it does when the user chose ``wrt`` (a typo selects nothing).
+    """
+    if require_match is None:
+        require_match = wrt is not Trainable
+    _check_f(f, has_aux)
     nums = _check_argnums(argnums)
     pred = to_predicate(wrt, "wrt")
     diff_positions = frozenset(nums)
+    func = "value_and_grad" if return_value else "grad"
 
     def is_diff(path: Path, x: Any) -> bool:
         # Paths of the split ``(args, kwargs)`` pair start with (0, position).
@@ -118,12 +214,21 @@ def _grad_general(
                 f"{getattr(f, '__name__', 'the function')} was called with {len(args)} "
                 "positional arguments. Pass the differentiated values positionally."
             )
+        for i in nums:
+            if isinstance(args[i], linen.Module):
+                raise TypeError(
+                    f"Argument {i} (named by `argnums`) is a Linen module, which holds no "
+                    "parameters: differentiate its params dict instead, e.g. "
+                    "ff.grad(loss)(variables['params']) or ffl.grad(loss)(variables)."
+                )
         pytree_positions = [i for i in nums if not graphlib.is_graph_node(args[i])]
         # Bare trainable leaves of pytree arguments are wrapped as parameters for the split.
         args = tuple(
             _wrap_leaves(a, pred) if i in pytree_positions else a for i, a in enumerate(args)
         )
         graphdef, diff, rest = nnx.split((args, kwargs), is_diff, ..., graph=True)
+        if require_match and not diff:
+            raise _selected_nothing(func, wrt, _unwrap_leaves(args), nums)
         written: list[Path] = []
 
         def pure(diff: nnx.State, rest: nnx.State) -> tuple[Any, tuple[Any, list[Any]]]:
@@ -133,16 +238,7 @@ def _grad_general(
             inner_args = list(inner[0])
             for i in pytree_positions:
                 inner_args[i] = _unwrap_leaves(inner_args[i])
-            out = f(*inner_args, **inner[1])
-            if has_aux:
-                if not (isinstance(out, tuple) and len(out) == 2):
-                    raise TypeError(
-                        "With `has_aux=True` the function must return a pair (loss, aux), "
-                        f"got {type(out).__name__}."
-                    )
-                loss, aux = out
-            else:
-                loss, aux = out, None
+            loss, aux = _split_output(f(*inner_args, **inner[1]), has_aux)
             # State the function wrote (batch statistics, counters) goes out through aux.
             written.clear()
             values = []
@@ -152,7 +248,19 @@ def _grad_general(
                     values.append(variable.get_raw_value())
             return loss, (aux, values)
 
-        (loss, (aux, values)), grads = jax.value_and_grad(pure, has_aux=True)(diff, rest)
+        try:
+            (loss, (aux, values)), grads = jax.value_and_grad(pure, has_aux=True)(diff, rest)
+        except TypeError as err:
+            # JAX checks its inputs before calling ``f``: name the offending variables.
+            bad = _not_differentiable(diff)
+            if not bad:
+                raise
+            raise TypeError(
+                f"`wrt` selected value(s) that have no gradient: {listing(bad)}. Only "
+                "inexact (floating or complex) arrays are differentiated: freeze these "
+                "(ff.freeze(model, ff.PathRegex(...))), hold them in a non-Param variable "
+                "(nnx.Variable), or narrow `wrt`."
+            ) from err
         if written:
             outer = _variables_by_path((args, kwargs))
             for path, value in zip(written, values, strict=True):
@@ -225,8 +333,16 @@ def grad(
           :func:`apply_updates`.
 
     Raises:
-        TypeError: if ``argnums`` or ``wrt`` is malformed.
-        ValueError: if ``argnums`` names a position the call did not pass.
+        TypeError: if ``f`` is not callable, ``has_aux`` not a bool, or ``argnums``
+            or ``wrt`` malformed (a class that is not a Variable type, a callable
+            that cannot take ``(path, variable)``). When called: if ``f`` returns a
+            tuple without ``has_aux`` (or no pair with it), a differentiated
+            argument is a Linen module, or ``wrt`` selects a value that has no
+            gradient (an integer or string ``nnx.Param``; the message names it).
+        ValueError: when called, if ``argnums`` names a position the call did
+            not pass, or a ``wrt`` you gave selects nothing in the differentiated
+            arguments (a typo; a string filter is a tag, not a path). The default
+            ``wrt`` may select nothing: a fully frozen model gets empty gradients.
 
     Example:
         >>> import jax.numpy as jnp
@@ -238,7 +354,7 @@ def grad(
         >>> sorted(grads.keys()), grads["bias"][...].tolist()
         (['bias'], [4.0])
     """
-    return _grad_general(f, argnums, wrt, has_aux, return_value=False)
+    return grad_general(f, argnums, wrt, has_aux, return_value=False)
 
 
 def value_and_grad(
@@ -261,8 +377,8 @@ def value_and_grad(
         ``has_aux``; ``grads`` as in :func:`grad`.
 
     Raises:
-        TypeError: if ``argnums`` or ``wrt`` is malformed.
-        ValueError: if ``argnums`` names a position the call did not pass.
+        TypeError: as for :func:`grad`.
+        ValueError: as for :func:`grad`.
 
     Example:
         >>> import jax.numpy as jnp
@@ -274,7 +390,18 @@ def value_and_grad(
         >>> float(loss), grads["bias"][...].tolist()
         (1.0, [2.0])
     """
-    return _grad_general(f, argnums, wrt, has_aux, return_value=True)
+    return grad_general(f, argnums, wrt, has_aux, return_value=True)
+
+
+def _stop_leaf(x: Any) -> Any:
+    """``lax.stop_gradient`` of an array or number; other values (strings...) as they are."""
+    if isinstance(x, jax.Array):
+        # A tracer of a Python number stops to a bare literal (TypedFloat), which a
+        # variable cannot index with ``[...]``: keep it an array.
+        return jnp.asarray(jax.lax.stop_gradient(x))
+    if isinstance(x, np.ndarray | np.generic | int | float | complex):
+        return jax.lax.stop_gradient(x)
+    return x
 
 
 def stop_frozen(tree: Any) -> Any:
@@ -295,7 +422,8 @@ def stop_frozen(tree: Any) -> Any:
 
     Returns:
         The same structure, each ``FrozenParam`` holding ``lax.stop_gradient`` of
-        its value (metadata kept); everything else unchanged.
+        its value (metadata kept); everything else unchanged. A frozen value that
+        is not a number or array (a string, ``None``) is kept as it is.
 
     Example:
         >>> import jax
@@ -308,11 +436,10 @@ def stop_frozen(tree: Any) -> Any:
 
     def stop(x: Any) -> Any:
         if isinstance(x, FrozenParam):
-            return FrozenParam.from_metadata(
-                jax.lax.stop_gradient(x.get_raw_value()), x.get_metadata()
-            )
+            value = jax.tree.map(_stop_leaf, x.get_raw_value())
+            return FrozenParam.from_metadata(value, x.get_metadata())
         if is_frozen_box(x):
-            return jax.tree.map(jax.lax.stop_gradient, x)
+            return jax.tree.map(_stop_leaf, x)
         return x
 
     return jax.tree.map(
@@ -334,6 +461,9 @@ def trainable_tree(tree: Any, *, wrt: Any = Trainable) -> Any:
         module, and ``None`` at every other leaf. optax treats ``None`` as an
         empty subtree, so ``tx.init(ff.trainable_tree(tree))`` holds state for
         the trainable leaves only.
+
+    Raises:
+        TypeError: if ``wrt`` is not a filter.
 
     Example:
         >>> import optax

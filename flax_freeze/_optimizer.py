@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from flax.nnx import graphlib
@@ -13,32 +15,143 @@ from flax.nnx.training.optimizer import to_opt_state
 from jax.core import Tracer
 
 from ._filters import Path, path_str
-from ._variables import Trainable
+from ._variables import FrozenParam, Trainable
 
 M = TypeVar("M")
+KeyPath = tuple[Any, ...]
+Transform = optax.GradientTransformation | optax.MultiSteps
 
 
 def _paths(state: nnx.State) -> tuple[Path, ...]:
     return tuple(sorted((path for path, _ in nnx.to_flat_state(state)), key=path_str))
 
 
-def carry_over(fresh: Any, old: Any) -> Any:
-    """Returns ``fresh`` with every leaf that ``old`` also has taken from ``old``.
+def _short(x: Any, limit: int = 200) -> str:
+    text = repr(x)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
-    Leaves match by key path, shape and dtype. ``fresh`` may hold ``nnx``
-    variables (their values are replaced in place) or plain arrays; ``old``
-    may hold either.
+
+def _leaves(tree: Any) -> dict[KeyPath, Any]:
+    """Key path -> array of every leaf (``nnx`` variables unwrapped, ``None`` skipped)."""
+    return dict(jax.tree_util.tree_flatten_with_path(nnx.as_pure(tree))[0])
+
+
+def _kind(x: Any) -> tuple[tuple[int, ...], Any]:
+    return tuple(np.shape(x)), jnp.result_type(x)
+
+
+def _owner(key_path: KeyPath, param_paths: Mapping[KeyPath, Any]) -> KeyPath | None:
+    """The parameter whose key path runs, whole and contiguous, inside ``key_path``.
+
+    The longest such run wins (``mu['enc']['w']`` belongs to ``enc/w``, not to a
+    top-level ``w``); among equally long runs, the last one.
     """
-    previous = dict(jax.tree_util.tree_flatten_with_path(nnx.as_pure(old))[0])
+    best: KeyPath | None = None
+    for i in range(len(key_path)):
+        for j in range(len(key_path), i, -1):
+            run = key_path[i:j]
+            if run in param_paths:
+                if best is None or len(run) >= len(best):
+                    best = run
+                break
+    return best
 
-    def same_kind(a: Any, b: Any) -> bool:
-        return getattr(a, "shape", None) == getattr(b, "shape", None) and getattr(
-            a, "dtype", None
-        ) == getattr(b, "dtype", None)
 
-    def pick(key_path: Any, leaf: Any) -> Any:
-        value = leaf.get_raw_value() if isinstance(leaf, nnx.Variable) else leaf
-        if key_path not in previous or not same_kind(previous[key_path], value):
+def _grown(x: Any) -> jax.ShapeDtypeStruct:
+    shape = np.shape(x)
+    return jax.ShapeDtypeStruct(tuple(d + 1 for d in shape) if shape else (2,), _kind(x)[1])
+
+
+def _independent(tx: Transform, params: Any, fresh: Mapping[KeyPath, Any]) -> set[KeyPath]:
+    """Key paths of the state leaves whose shape does not depend on the parameters.
+
+    ``tx.init`` is traced (never run) on a probe of the parameters with every
+    dimension one larger (scalars as shape ``(2,)``); a leaf that keeps its key
+    path, shape and dtype is shared state: a step count, a hyperparameter. If
+    ``tx`` cannot take the probe, the scalar leaves count as shared.
+    """
+    try:
+        probe = _leaves(jax.eval_shape(tx.init, jax.tree.map(_grown, nnx.as_pure(params))))
+    except Exception:  # any failure of a foreign init on a probe: fall back
+        return {k for k, v in fresh.items() if np.shape(v) == ()}
+    return {k for k, v in fresh.items() if k in probe and _kind(probe[k]) == _kind(v)}
+
+
+# What jax.tree.map raises when two trees differ (optax maps labels/masks onto params).
+_STRUCTURE_ERRORS = (
+    "pytree structure error",
+    "Dict key mismatch",
+    "Tuple arity mismatch",
+    "List arity mismatch",
+    "Custom node type mismatch",
+)
+
+
+def _labels_error(tx: Transform, params: Any, err: ValueError) -> ValueError | None:
+    """The clear error for ``tx.init`` rejecting the tree of ``params``, if that is ``err``."""
+    if not any(s in str(err) for s in _STRUCTURE_ERRORS):
+        return None
+    paths = [jax.tree_util.keystr(k) for k in _leaves(params)]
+    return ValueError(
+        f"`tx` cannot build optimizer state for the trainable parameters "
+        f"{_short(paths)}: their tree does not match one that `tx` holds. "
+        "optax.multi_transform and optax.masked given a *pytree* of labels or "
+        "masks (built for one parameter tree) fail once freeze/unfreeze change "
+        "the trainable tree. Pass a callable label/mask function instead, e.g. "
+        "optax.multi_transform(transforms, lambda params: jax.tree.map(label_of, "
+        f"params)), which follows freeze changes. Got tx={_short(tx)}."
+    )
+
+
+def _init(tx: Transform, params: Any) -> Any:
+    """``tx.init(params)``, with a clear error where labels or masks are tied to one tree."""
+    try:
+        return tx.init(params)
+    except ValueError as err:
+        clear = _labels_error(tx, params, err)
+        if clear is None:
+            raise
+        raise clear from err
+
+
+def _kept(
+    tx: Transform, fresh: Any, old_state: Any, params: Any, old_params: Any | None
+) -> set[KeyPath]:
+    """Key paths of the fresh state leaves that take their value from ``old_state``."""
+    new, old, now = _leaves(fresh), _leaves(old_state), _leaves(params)
+    now.pop((), None)  # a bare array as the whole tree names nothing
+    before = None if old_params is None else _leaves(old_params)
+    if before is not None:
+        before.pop((), None)
+    same_set = before is not None and {k: _kind(v) for k, v in before.items()} == {
+        k: _kind(v) for k, v in now.items()
+    }
+    independent: set[KeyPath] | None = None
+    kept = set()
+    for key_path, leaf in new.items():
+        if key_path not in old or _kind(old[key_path]) != _kind(leaf):
+            continue
+        owner = _owner(key_path, now)
+        if owner is not None:  # a parameter's own state: kept if it was trained before too
+            if before is None or (owner in before and _kind(before[owner]) == _kind(now[owner])):
+                kept.add(key_path)
+            continue
+        if same_set:
+            kept.add(key_path)
+            continue
+        if independent is None:
+            independent = _independent(tx, params, new)
+        if key_path in independent:
+            kept.add(key_path)
+    return kept
+
+
+def _take(fresh: Any, old_state: Any, kept: set[KeyPath]) -> Any:
+    """``fresh`` with the leaves at ``kept`` taken from ``old_state`` (variables in place)."""
+    previous = _leaves(old_state)
+
+    def pick(key_path: KeyPath, leaf: Any) -> Any:
+        if key_path not in kept:
             return leaf
         if isinstance(leaf, nnx.Variable):
             leaf.set_raw_value(previous[key_path])
@@ -50,30 +163,65 @@ def carry_over(fresh: Any, old: Any) -> Any:
     )
 
 
-def migrate_opt_state(tx: optax.GradientTransformation, old_state: Any, params: Any) -> Any:
-    """Builds optimizer state for ``params``, reusing ``old_state`` wherever it fits.
+def migrate_opt_state(
+    tx: Transform, old_state: Any, params: Any, *, old_params: Any | None = None
+) -> Any:
+    """Builds optimizer state for ``params``, keeping ``old_state`` where it is known to fit.
 
-    A fresh ``tx.init(params)`` gives the new structure. Every leaf whose key
-    path (and shape and dtype) also exists in ``old_state`` takes the old value:
-    moments of parameters that stayed trainable, shared step counts,
-    injected hyperparameters. Leaves of newly trainable parameters keep their
-    fresh initial value; state of parameters no longer trained is dropped.
+    A fresh ``tx.init(params)`` gives the new structure and initial values. A
+    leaf of it takes its value from ``old_state`` (same key path, shape and
+    dtype) only in two cases:
+
+    - its key path names a parameter of ``params`` (holds that parameter's key
+      path, e.g. ``mu['layers'][0]['kernel']``), and ``old_state`` has the
+      same leaf, so the parameter was trained before too: Adam moments,
+      accumulated gradients of ``optax.MultiSteps``, schedule-free ``z``;
+    - its shape does not depend on the parameters at all (tried on a probe
+      with other shapes): shared step counts, injected hyperparameters,
+      ``MultiSteps``' mini-step counter.
+
+    Every other leaf keeps its fresh value: state of newly trainable
+    parameters, and state that cannot be attributed to one parameter, such as
+    the single flat vector of ``optax.flatten`` (fresh for *all* parameters,
+    also those that stayed trainable). A parameter's state is never handed to
+    another one. State of parameters no longer trained is dropped.
 
     Args:
-        tx: the optax transformation.
+        tx: the optax transformation (or ``optax.MultiSteps``).
         old_state: the current optimizer state (``OptState`` variables, or a
             plain pytree).
         params: the parameters to be trained from now on: an ``nnx.State`` (the
             state comes back as ``OptState`` variables) or a plain pytree with
             ``None`` at frozen leaves (the state comes back as plain arrays).
+        old_params: the parameters ``old_state`` was built for, in the same
+            form, if known. Then state of a parameter is kept only if it is in
+            both (same shape and dtype), and state that cannot be attributed
+            is kept too when the trained set did not change at all.
 
     Returns:
         The new optimizer state.
+
+    Raises:
+        ValueError: if ``tx.init`` rejects the tree of ``params``, as
+            ``optax.multi_transform``/``optax.masked`` do with a pytree of
+            labels or masks built for another tree: pass a callable.
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> from flax_freeze import migrate_opt_state
+        >>> tx = optax.flatten(optax.adam(0.1))
+        >>> params = {"a": jnp.ones(2), "b": None}
+        >>> state = tx.init(params)
+        >>> _, state = tx.update({"a": jnp.ones(2), "b": None}, state, params)
+        >>> new = migrate_opt_state(tx, state, {"a": None, "b": jnp.ones(2)})
+        >>> int(new[0].count), new[0].mu.tolist()  # b does not get a's moments
+        (1, [0.0, 0.0])
     """
-    fresh = tx.init(params)
+    fresh = _init(tx, params)
+    kept = _kept(tx, fresh, old_state, params, old_params)
     if isinstance(params, nnx.State):
         fresh = to_opt_state(fresh)
-    return carry_over(fresh, old_state)
+    return _take(fresh, old_state, kept)
 
 
 def _tracing_without_graph_updates(params: nnx.State) -> bool:
@@ -108,10 +256,34 @@ class Optimizer(nnx.Optimizer[M]):
     unfrozen phase in a warm-up schedule, or build a new optimizer, where that
     matters.
 
+    State that cannot be attributed to one parameter by its key path, and that
+    depends on the parameters, restarts from ``tx.init`` at a freeze change
+    (see :func:`migrate_opt_state`): with ``optax.flatten`` that is the whole
+    flat state, also for parameters that stayed trainable. One parameter's
+    state is never handed to another.
+
+    ``optax.MultiSteps``: accumulated gradients are kept per parameter, and the
+    mini-step counter runs on. After a freeze change in the middle of a window,
+    parameters that stayed trainable keep what they accumulated, and at the end
+    of the window each of their mini-step gradients counts exactly once. A
+    newly trainable parameter starts from zero: its first update averages its
+    gradients since the change over the whole window (zeros for the mini-steps
+    before it). A parameter frozen in the middle of a window drops what it had
+    accumulated, unapplied.
+
     Args:
-        model: the NNX module to optimize.
-        tx: an optax transformation.
+        model: the NNX module to optimize (or a list/dict of modules).
+        tx: an optax transformation, ``GradientTransformationExtraArgs``
+            included, or an ``optax.MultiSteps``.
         wrt: NNX filter of the trained variables; defaults to :data:`Trainable`.
+
+    Raises:
+        TypeError: if ``model`` is not an NNX graph node, or ``tx`` is not an
+            optax transformation.
+        ValueError: if ``tx.init`` rejects the tree of trainable parameters, as
+            ``optax.multi_transform``/``optax.masked`` do with a pytree of
+            labels or masks built for another tree (also raised by
+            :meth:`update` after a freeze change): pass a callable instead.
 
     Example:
         >>> import jax.numpy as jnp, optax
@@ -127,14 +299,27 @@ class Optimizer(nnx.Optimizer[M]):
         (True, ['bias'])
     """
 
-    def __init__(self, model: M, tx: optax.GradientTransformation, *, wrt: Any = Trainable) -> None:
+    def __init__(self, model: M, tx: Transform, *, wrt: Any = Trainable) -> None:
         """Builds optimizer state for the parameters ``wrt`` selects in ``model``."""
-        if not isinstance(tx, optax.GradientTransformation):
+        if model is None or not graphlib.is_node(model) or isinstance(model, Transform):
             raise TypeError(
-                f"`tx` must be an optax.GradientTransformation, got {tx!r}. "
-                "Pass e.g. optax.adamw(1e-3)."
+                f"`model` must be an NNX module (or a list/dict of them), got {_short(model)}. "
+                "Pass the model first and the optax transformation second: "
+                "ff.Optimizer(model, optax.adamw(1e-3))."
             )
-        super().__init__(model, tx, wrt=wrt, graph=True)
+        if not isinstance(tx, optax.GradientTransformation | optax.MultiSteps):
+            raise TypeError(
+                f"`tx` must be an optax.GradientTransformation (or optax.MultiSteps), "
+                f"got {_short(tx)}. Pass e.g. optax.adamw(1e-3)."
+            )
+        try:
+            # nnx.Optimizer only calls tx.init/tx.update, which MultiSteps has too.
+            super().__init__(model, tx, wrt=wrt, graph=True)  # pyright: ignore[reportArgumentType]
+        except ValueError as err:
+            clear = _labels_error(tx, nnx.state(model, wrt, graph=True), err)
+            if clear is None:
+                raise
+            raise clear from err
         self.trained_paths = _paths(nnx.state(model, wrt, graph=True))
 
     def migrate(self, model: M) -> bool:
@@ -151,6 +336,10 @@ class Optimizer(nnx.Optimizer[M]):
 
         Returns:
             Whether the state changed.
+
+        Raises:
+            ValueError: if ``tx`` cannot build state for the new trainable tree
+                (labels or masks given as a pytree: pass a callable).
         """
         params = nnx.state(model, self.wrt, graph=True)
         paths = _paths(params)
@@ -178,7 +367,8 @@ class Optimizer(nnx.Optimizer[M]):
             ValueError: if ``grads`` do not cover exactly the trainable parameters,
                 e.g. gradients computed before a freeze change; or if the trainable
                 set changed and this trace cannot carry new state out (call
-                :meth:`migrate` first).
+                :meth:`migrate` first); or if ``tx`` cannot build state for the new
+                trainable tree (labels or masks given as a pytree: pass a callable).
         """
         params = nnx.state(model, self.wrt, graph=True)
         paths = _paths(params)
@@ -210,7 +400,8 @@ def apply_updates(tree: Any, updates: Any) -> Any:
     ``updates`` has the shape :func:`grad` returns for a pytree: a value at each
     trainable leaf and ``None`` at every other one (frozen values, integers,
     static data), which are returned unchanged. Like ``optax.apply_updates``,
-    each result keeps its parameter's dtype.
+    each result keeps its parameter's dtype. A frozen value is never changed:
+    an update at an ``ff.FrozenParam`` is an error.
 
     Args:
         tree: the pytree of parameters.
@@ -218,6 +409,10 @@ def apply_updates(tree: Any, updates: Any) -> Any:
 
     Returns:
         A new tree of ``tree``'s structure with the updates added.
+
+    Raises:
+        ValueError: if ``updates`` does not mirror ``tree``, has a value at a
+            frozen parameter, or one of another shape than its parameter.
 
     Example:
         >>> import flax_freeze as ff
@@ -227,21 +422,40 @@ def apply_updates(tree: Any, updates: Any) -> Any:
         (1.5, True, 4)
     """
 
-    def add(update: Any, param: Any) -> Any:
+    def add(key_path: Any, update: Any, param: Any) -> Any:
+        if isinstance(update, nnx.Variable):
+            update = update.get_raw_value()
         if update is None:
             return param
+        where = path_str(graphlib.jax_to_nnx_path(key_path)) or "the root"
+        if isinstance(param, FrozenParam):
+            raise ValueError(
+                f"`updates` has a value at {where!r}, which is frozen (ff.FrozenParam): frozen "
+                "values are never updated. Compute the gradients with ff.grad, which gives "
+                "None at frozen leaves, and pass them through tx.update."
+            )
+        value = param.get_raw_value() if isinstance(param, nnx.Variable) else param
+        if np.shape(update) != np.shape(value):
+            raise ValueError(
+                f"`updates` at {where!r} has shape {np.shape(update)}, but the parameter has "
+                f"shape {np.shape(value)}. Pass the updates tx.update returned for this tree."
+            )
+        new = jnp.asarray(value + update).astype(jnp.result_type(value))
         if isinstance(param, nnx.Variable):
-            value = param.get_raw_value()
-            new = jnp.asarray(value + update).astype(jnp.result_type(value))
             return type(param).from_metadata(new, param.get_metadata())
-        return jnp.asarray(param + update).astype(jnp.result_type(param))
+        return new
 
     def is_leaf(x: Any) -> bool:
         return x is None or isinstance(x, nnx.Variable)
 
-    return jax.tree.map(
-        lambda u, p: add(u.get_raw_value() if isinstance(u, nnx.Variable) else u, p),
-        updates,
-        tree,
-        is_leaf=is_leaf,
-    )
+    try:
+        return jax.tree_util.tree_map_with_path(add, updates, tree, is_leaf=is_leaf)
+    except (ValueError, TypeError) as err:
+        if "`updates`" in str(err):
+            raise
+        structures = (jax.tree.structure(x, is_leaf=is_leaf) for x in (updates, tree))
+        raise ValueError(
+            "`updates` does not mirror `tree`: updates {}, tree {}. Pass the updates that "
+            "tx.update returned for gradients from ff.grad(f)(tree): a value at each trainable "
+            "leaf and None elsewhere.".format(*(_short(s, 300) for s in structures))
+        ) from None

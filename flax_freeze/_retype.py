@@ -10,11 +10,18 @@ from typing import Any, TypeVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import linen, nnx
 from flax.nnx import graphlib
 
 from ._boxes import is_frozen_box
-from ._filters import Path, Predicate, matched_nothing, to_predicate
+from ._filters import (
+    Path,
+    Predicate,
+    matched_nothing,
+    short_repr,
+    string_filter_advice,
+    to_predicate,
+)
 from ._variables import PARAM_TYPE_KEY, TRAINED_DTYPE_KEY, FrozenParam, Trainable
 
 N = TypeVar("N")
@@ -179,22 +186,90 @@ def _trainable_copy(variable: nnx.Variable, in_module: bool) -> Any:
 def _check_dtype(dtype: Any) -> np.dtype | None:
     if dtype is None:
         return None
+    if isinstance(dtype, jax.Array | np.ndarray | np.generic):
+        raise TypeError(
+            f"`dtype` must be a floating dtype such as jnp.bfloat16, got an array "
+            f"{short_repr(dtype)}. Pass a dtype, e.g. dtype=x.dtype."
+        )
     try:
         checked = np.dtype(dtype)
     except TypeError as err:
         raise TypeError(
-            f"`dtype` must be a floating dtype such as jnp.bfloat16, got {dtype!r}."
+            f"`dtype` must be a floating dtype such as jnp.bfloat16, got {short_repr(dtype)}."
         ) from err
     if not jnp.issubdtype(checked, jnp.inexact):
         raise TypeError(
-            f"`dtype` must be a floating dtype such as jnp.bfloat16, got {dtype!r}: "
+            f"`dtype` must be a floating dtype such as jnp.bfloat16, got {short_repr(dtype)}: "
             "frozen parameters keep real or complex values."
         )
     return checked
 
 
+def check_node(func: str, node: Any, linen_hint: str = "") -> None:
+    """Raises a clear error for a ``node`` that can never hold parameters.
+
+    Cheap: only the node's own type is looked at. ``linen_hint`` says what to
+    pass instead of a Linen module.
+    """
+    hint = ""
+    if node is None or isinstance(node, str | bytes):
+        hint = "Pass the model (an NNX module) or a pytree holding modules or arrays."
+    elif isinstance(node, type):
+        hint = "Pass an instance, e.g. nnx.Linear(2, 3, rngs=nnx.Rngs(0)), not the class."
+    elif isinstance(node, linen.Module):
+        hint = "A Linen module holds no parameters: " + (
+            linen_hint
+            or "freeze its params dict with ffl.freeze(variables['params'], filter) "
+            "(from flax_freeze import linen as ffl)."
+        )
+    if hint:
+        raise TypeError(
+            f"`node` passed to {func}() must be an NNX module or a pytree of modules, "
+            f"variables or arrays, got {short_repr(node)}. {hint}"
+        )
+
+
 def _matches(pred: Predicate, site: _Site) -> bool:
     return any(pred(path, site.variable) for path in site.paths)
+
+
+def _advice(func: str, node: Any, filter: Any, params: list[nnx.Variable], boxes: bool) -> str:
+    """A sentence on the likely mistake behind a filter that matched nothing.
+
+    ``params`` are the node's parameters (variables and bare leaves, as ``nnx.Param``).
+    """
+    if not params and boxes:
+        return (
+            "It holds Linen frozen parameters (ffl.FrozenBox): use ffl.freeze / "
+            "ffl.unfreeze on Linen params dicts."
+        )
+    if not params and isinstance(node, nnx.Optimizer):
+        return (
+            "An nnx.Optimizer holds no model parameters: freeze the model itself "
+            "(ff.Optimizer follows the change)."
+        )
+    if not params:
+        return (
+            "It holds no parameter at all: no nnx.Param or FrozenParam, and no inexact "
+            "array or float leaf (integers, booleans and strings are never parameters)."
+        )
+    if isinstance(filter, str):
+        return string_filter_advice(filter)
+    is_type = isinstance(filter, type)
+    if func == "freeze" and is_type and issubclass(filter, FrozenParam):
+        return (
+            "The filter selects which trainable parameters to freeze; FrozenParam "
+            "selects parameters that are frozen already."
+        )
+    if func == "unfreeze" and (filter is Trainable or (is_type and issubclass(filter, nnx.Param))):
+        return (
+            "The filter selects which frozen parameters to make trainable; nnx.Param and "
+            "ff.Trainable select trainable ones (a frozen parameter is a FrozenParam): "
+            "select by path with ff.PathRegex, or pass no filter to unfreeze all."
+        )
+    if func == "unfreeze" and not any(isinstance(v, FrozenParam) for v in params):
+        return "None of its parameters is frozen."
+    return ""
 
 
 def _select(
@@ -205,14 +280,18 @@ def _select(
     A tied variable is selected when the filter matches any of its paths. A bare
     trainable leaf is shown to the filter as the ``nnx.Param`` it stands for.
     """
+    check_node(func, node)
     pred = to_predicate(filter)
-    sites, raw = collect(node)
+    boxes: dict[Path, Any] = {}
+    sites, raw = collect(node, boxes)
     params = {k: s for k, s in sites.items() if isinstance(s.variable, nnx.Param | FrozenParam)}
     chosen = {k: s for k, s in params.items() if _matches(pred, s)}
     chosen_raw = {p: x for p, x in raw.items() if selects_leaf(pred, p, x)}
     if not chosen and not chosen_raw and not missing_ok:
         all_paths = [s.paths[0] for s in params.values()] + list(raw)
-        raise matched_nothing(func, filter, node, sorted(all_paths, key=str))
+        found = [s.variable for s in params.values()] + [nnx.Param(x) for x in raw.values()]
+        advice = _advice(func, node, filter, found, bool(boxes))
+        raise matched_nothing(func, filter, node, sorted(all_paths, key=str), advice=advice)
     return chosen, chosen_raw
 
 
@@ -257,8 +336,14 @@ def freeze(node: N, filter: Any = Trainable, *, missing_ok: bool = False, dtype:
         ``node`` itself (modules change in place), or the rebuilt pytree.
 
     Raises:
-        ValueError: if ``filter`` selects no parameter and ``missing_ok`` is False.
-        TypeError: if ``filter`` is not a filter, or ``dtype`` not a floating dtype.
+        ValueError: if ``filter`` selects no parameter and ``missing_ok`` is False;
+            the message lists the node's parameter paths and the likely mistake (a
+            string filter is an NNX tag, not a path; ``FrozenParam`` selects
+            parameters frozen already; Linen params need ``ffl.freeze``).
+        TypeError: if ``node`` cannot hold parameters (``None``, a string, a class,
+            a Linen module), ``filter`` is not a filter (a class that is not a
+            Variable type, a callable that cannot take ``(path, variable)``), or
+            ``dtype`` is not a floating dtype (an array is not a dtype).
 
     Example:
         >>> from flax import nnx
@@ -302,8 +387,12 @@ def unfreeze(node: N, filter: Any = FrozenParam, *, missing_ok: bool = False) ->
         ``node`` itself (modules change in place), or the rebuilt pytree.
 
     Raises:
-        ValueError: if ``filter`` selects no parameter and ``missing_ok`` is False.
-        TypeError: if ``filter`` is not a filter.
+        ValueError: if ``filter`` selects no parameter and ``missing_ok`` is False
+            (also when nothing is frozen); the message lists the parameter paths and
+            the likely mistake (``nnx.Param`` or ``ff.Trainable`` select trainable
+            parameters, never frozen ones).
+        TypeError: if ``node`` cannot hold parameters (``None``, a string, a class,
+            a Linen module) or ``filter`` is not a filter.
 
     Example:
         >>> from flax import nnx
@@ -337,6 +426,11 @@ def freezing(node: N, filter: Any = Trainable, *, missing_ok: bool = False) -> I
 
     Yields:
         The frozen node: ``node`` itself for modules, a new tree for pytrees.
+
+    Raises:
+        ValueError: if ``filter`` selects no parameter and ``missing_ok`` is False.
+        TypeError: if ``node`` cannot hold parameters or ``filter`` is not a filter,
+            as for :func:`freeze`.
 
     Example:
         >>> from flax import nnx

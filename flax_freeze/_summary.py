@@ -14,7 +14,7 @@ from flax.training import train_state
 
 from ._boxes import PARAMS, is_variables_dict
 from ._filters import path_str
-from ._retype import collect
+from ._retype import check_node, collect
 from ._variables import FrozenParam
 
 STATUSES = ("trainable", "frozen", "state")
@@ -56,21 +56,44 @@ def _status(x: Any) -> str:
     return "trainable"  # a bare inexact leaf of a pytree
 
 
-def _row(path: str, x: Any, type_name: str | None = None, status: str | None = None) -> Row:
-    value = x.get_raw_value() if isinstance(x, nnx.Variable) else x
+def _array_like(value: Any) -> bool:
+    """An array (PRNG keys and abstract ``ShapeDtypeStruct`` included) or a Python number."""
+    return (hasattr(value, "shape") and hasattr(value, "dtype")) or isinstance(
+        value, bool | int | float | complex | np.generic
+    )
+
+
+def _size(value: Any) -> tuple[tuple[int, ...], Any, int]:
+    """Shape, dtype and element count of an array or a Python number."""
     shape = tuple(getattr(value, "shape", np.shape(value)))
     # Arrays carry their dtype (PRNG keys too: key<fry>); a Python number is
     # counted in the dtype JAX computes it in (float32 unless x64 is enabled).
     dtype = getattr(value, "dtype", None) or jax.dtypes.canonicalize_dtype(np.result_type(value))
-    count = math.prod(shape)
+    return shape, dtype, math.prod(shape)
+
+
+def _row(path: str, x: Any, type_name: str | None = None, status: str | None = None) -> Row:
+    value = x.get_raw_value() if isinstance(x, nnx.Variable) else x
+    if _array_like(value):
+        shape, dtype, count = _size(value)
+        dtype_name, nbytes = str(dtype), count * dtype.itemsize
+    else:
+        # Not an array (a string, None, a container): its Python type in the dtype
+        # column, and the elements of the arrays or numbers it holds, if any.
+        shape, dtype_name, count, nbytes = (), type(value).__name__, 0, 0
+        for leaf in jax.tree.leaves(value):
+            if _array_like(leaf):
+                _, leaf_dtype, leaf_count = _size(leaf)
+                count += leaf_count
+                nbytes += leaf_count * leaf_dtype.itemsize
     return Row(
         path,
         type_name or type(x).__name__,
         shape,
-        str(dtype),
+        dtype_name,
         status or _status(x),
         count,
-        count * dtype.itemsize,
+        nbytes,
     )
 
 
@@ -174,9 +197,17 @@ def summary(node: Any) -> Summary:
             ``TrainState`` (its params; step, optimizer state and other
             fields are state).
 
+    A variable that holds no array (a string, ``None``) is listed with its
+    Python type in the ``dtype`` column and a count of 0; one holding a
+    container (a list, a dict) counts the arrays and numbers inside it.
+
     Returns:
         A :class:`Summary`; print it for the table with totals of elements
         and bytes for trainable, frozen and other state.
+
+    Raises:
+        TypeError: if ``node`` cannot hold state: ``None``, a string, a class or a
+            Linen module (pass its variables dict instead).
 
     Example:
         >>> from flax import nnx
@@ -198,6 +229,11 @@ def summary(node: Any) -> Summary:
         layers: trainable 18 (72 B), frozen 40 (160 B)
         total: trainable 18 (72 B), frozen 40 (160 B)
     """
+    check_node(
+        "summary",
+        node,
+        "pass its variables dict instead, ff.summary(module.init(key, x)).",
+    )
     if is_variables_dict(node):
         rows = []
         for collection, tree in node.items():

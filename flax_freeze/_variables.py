@@ -45,6 +45,13 @@ class FrozenParam(nnx.Variable[A]):
     ``nnx.LoRAParam``...) in the ``param_type`` metadata entry, and
     ``unfreeze`` gives it back; one declared frozen becomes ``nnx.Param``.
 
+    A ``FrozenParam`` holds a value, never another variable:
+    ``FrozenParam(model.kernel)`` would nest the ``nnx.Param`` inside it (and
+    lose its ties), so it raises; re-type it in place with ``ff.freeze``.
+
+    Raises:
+        TypeError: if the value is itself an ``nnx.Variable``.
+
     Example:
         >>> import jax.numpy as jnp
         >>> from flax import nnx
@@ -57,6 +64,17 @@ class FrozenParam(nnx.Variable[A]):
         >>> (scale < 2).tolist()
         [True, True, True]
     """
+
+    def __init__(self, value: Any, **kwargs: Any) -> None:
+        """Creates a frozen parameter holding ``value``; see the class docstring."""
+        if isinstance(value, nnx.Variable):
+            raise TypeError(
+                f"`value` is already a variable ({type(value).__name__}): FrozenParam(v) "
+                "would nest one variable in another. To freeze a module's parameter in "
+                "place, keeping its metadata and ties, use ff.freeze(model, "
+                "ff.PathRegex('path/to/param')); to wrap its array, pass v.get_value()."
+            )
+        super().__init__(value, **kwargs)
 
     __lt__ = _compare(operator.lt)
     __le__ = _compare(operator.le)
