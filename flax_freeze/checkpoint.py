@@ -1815,7 +1815,11 @@ def _being_replaced(path: epath.Path, identity: tuple[int, ...] | None) -> bool:
 
 
 def _without_loop_noise(previous: Any) -> Any:
-    """An unraisable-exception hook that drops "Event loop is closed" and passes on the rest."""
+    """An unraisable-exception hook that drops what a failed orbax read leaves behind.
+
+    That is "Event loop is closed", "coroutine ... was never awaited", and errors
+    of orbax coroutines collected after the read failed; the rest is passed on.
+    """
     if getattr(previous, "drops_loop_noise", False):
         return previous
 
@@ -1823,7 +1827,9 @@ def _without_loop_noise(previous: Any) -> Any:
         error = unraisable.exc_value
         closed = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
         unawaited = isinstance(error, RuntimeWarning) and "was never awaited" in str(error)
-        if not (closed or unawaited):
+        code = getattr(unraisable.object, "cr_code", None)  # an orbax coroutine left behind
+        orphan = code is not None and "orbax" in code.co_filename
+        if not (closed or unawaited or orphan):
             previous(unraisable)
 
     hook.drops_loop_noise = True  # type: ignore[attr-defined]
@@ -1837,7 +1843,7 @@ def _quiet_failure() -> Iterator[None]:
     When TensorStore fails to read a damaged array, orbax closes its event loop
     while other reads are still pending; their completion callbacks then raise
     "Event loop is closed", which Python prints as unraisable exceptions, at
-    any time later, and coroutines it never awaited warn when collected. The
+    any time later, and coroutines it left behind warn or fail when collected. The
     error itself is raised as usual. After a failure the hook that drops
     exactly that noise stays installed (every other unraisable exception goes
     to the previous hook).
