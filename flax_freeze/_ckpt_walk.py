@@ -142,6 +142,16 @@ class Entry:
     in_optimizer: bool = False
     box: Any = None  # the Linen box chain that holds ``value``
     linen: Linen = None
+    # Inside plain optax state: the path of the field of the innermost optax
+    # state node that holds it (``1/0/mu`` for ``1/0/mu/w``); None elsewhere.
+    opt_field: Path | None = None
+
+    @property
+    def mirror(self) -> Path | None:
+        """Inside plain optax state, the path below its optax field (``w`` for ``1/0/mu/w``)."""
+        if self.opt_field is None:
+            return None
+        return self.paths[0][len(self.opt_field) :]
 
     @functools.cached_property
     def path(self) -> Path:
@@ -198,7 +208,13 @@ def walk(
     states: list[tuple[Path, train_state.TrainState]] = []
 
     def visit(
-        x: Any, path: Path, ancestors: set[int], in_module: bool, in_opt: bool, linen: Linen
+        x: Any,
+        path: Path,
+        ancestors: set[int],
+        in_module: bool,
+        in_opt: bool,
+        linen: Linen,
+        opt_field: Path | None = None,
     ) -> None:
         if isinstance(x, nnx.Variable):
             value = x.get_raw_value()
@@ -211,12 +227,12 @@ def walk(
             return
         if is_box_chain(x):
             value = jax.tree_util.tree_leaves(x)[0]
-            leaves.append(Entry([path], value, None, in_module, in_opt, x, linen))
+            leaves.append(Entry([path], value, None, in_module, in_opt, x, linen, opt_field))
             return
         impl = graphlib.get_node_impl(x)
         if impl is None:
             if is_module_leaf(x) if in_module else is_tree_leaf(x):
-                leaves.append(Entry([path], x, None, in_module, in_opt, None, linen))
+                leaves.append(Entry([path], x, None, in_module, in_opt, None, linen, opt_field))
             return
         if id(x) in ancestors:  # a cycle through a parent reference
             return
@@ -227,28 +243,36 @@ def walk(
             states.append((path, x))
         ancestors.add(id(x))
         child_in_module = in_module or isinstance(x, nnx.Pytree)
+        optax_node = not in_module and is_optax_state(x)
         for key, child in impl.node_dict(x).items():
             child_linen = _child_linen(x, key, child, linen)
-            visit(child, (*path, key), ancestors, child_in_module, in_opt, child_linen)
+            field = (*path, key) if optax_node else opt_field
+            visit(child, (*path, key), ancestors, child_in_module, in_opt, child_linen, field)
         ancestors.discard(id(x))
 
     visit(node, prefix, set(), in_module, in_optimizer, linen)
     return Walked([*variables.values(), *leaves], list(optimizers.values()), states)
 
 
+def is_optax_state(x: Any) -> bool:
+    """Whether ``x`` is a node of plain optax state (an optax state NamedTuple)."""
+    return isinstance(x, tuple) and type(x).__module__.split(".")[0] == "optax"
+
+
 def status(entry: Entry) -> str:
     """The flag an entry is saved with: ``trainable``, ``frozen`` or ``state``.
 
     The one place that decides it. A variable's type decides; a bare value
-    decides by where it sits in Linen state, then by its boxes (frozen in an
-    ``ffl.FrozenBox``), then by its dtype (inexact values are trainable).
+    decides by where it sits (Linen state collections and plain optax state
+    are state), then by its boxes (frozen in an ``ffl.FrozenBox``), then by
+    its dtype (inexact values are trainable).
     """
     x = entry.variable
     if isinstance(x, nnx.Param):
         return "trainable"
     if isinstance(x, FrozenParam):
         return "frozen"
-    if x is not None or entry.linen == "state":
+    if x is not None or entry.linen == "state" or entry.opt_field is not None:
         return "state"
     if entry.linen == "frozen" or (entry.box is not None and is_frozen_box(entry.box)):
         return "frozen"

@@ -1085,10 +1085,11 @@ class _Plan:
     saved: Flags | None  # the checkpoint's flags (checksums)
     # Tied variables of the target stored under several paths: entry key -> stored keys.
     ties: dict[Key, list[Key]] = field(default_factory=dict)
+    opt: _OptStatePlan = field(default_factory=lambda: _OptStatePlan())
 
     def keys(self) -> set[Key]:
-        """Every stored key read: the chosen ones and the other paths of ties."""
-        return set(self.chosen.values()).union(*self.ties.values())
+        """Every stored key read: the chosen ones, the other paths of ties, optax fills."""
+        return set(self.chosen.values()).union(*self.ties.values(), self.opt.fill.values())
 
     def state_args(self, keys: Collection[Key] | None = None) -> ocp.args.PyTreeRestore:
         """The orbax ``PyTreeRestore`` args that read the planned arrays (or only ``keys``).
@@ -1207,6 +1208,10 @@ class _Plan:
             if adjust:
                 variable.set_metadata(metadata)
             variable.set_raw_value(value)
+        for path in self.opt.to_none:
+            new_at[path] = None
+        for path, key in self.opt.fill.items():
+            new_at[path] = arrays[key]
         if new_variables or new_at:
             node = replace(node, new_variables, new_at)
         if self.retype is None and self.linen_states:
@@ -1336,6 +1341,14 @@ def _plan(layout: _Layout, target: Any, flags: str, partial: bool, verify: bool)
         shardings[key] = _sharding(entry)
         if impl:
             impls[key] = impl
+    opt = _OptStatePlan()
+    if saved is not None:
+        missing, mismatched = _plan_opt_states(
+            opt, entries, stored, saved, flags, chosen, consumed, missing, mismatched
+        )
+        for path, key in opt.fill.items():
+            shardings[key] = opt.shardings[path]
+            dtypes[key] = stored[key].dtype  # type: ignore[assignment]
     unused = [join(k) for k in stored if k not in consumed]
     if mismatched:
         if saved is not None and saved.checksums and verify:
@@ -1388,7 +1401,113 @@ def _plan(layout: _Layout, target: Any, flags: str, partial: bool, verify: bool)
         linen_states,
         saved,
         ties,
+        opt,
     )
+
+
+@dataclass
+class _OptStatePlan:
+    """How plain optax state in the target changes to follow the other side's flags."""
+
+    fill: dict[Path, Key] = field(default_factory=dict)  # target path -> stored key to put there
+    shardings: dict[Path, jax.sharding.Sharding | None] = field(default_factory=dict)
+    to_none: set[Path] = field(default_factory=set)  # leaves of parameters saved frozen
+
+
+def _plan_opt_states(
+    opt: _OptStatePlan,
+    entries: list[Entry],
+    stored: Mapping[Key, _Stored],
+    saved: Flags,
+    flags: str,
+    chosen: dict[Key, Key],
+    consumed: set[Key],
+    missing: list[Entry],
+    mismatched: list[str],
+) -> tuple[list[Entry], list[str]]:
+    """Reconciles plain optax state (``tx.init(ff.trainable_tree(tree))``) across frozen sets.
+
+    Optax state mirrors the trainable parameters (``mu/<param path>``, ``None``
+    at frozen ones), so when the checkpoint and the target train different
+    sets their paths differ. Each state leaf is matched with its parameter by
+    the path below its optax field (the one parameter whose path ends so).
+    With ``flags="checkpoint"`` the state takes the saved structure: leaves of
+    parameters saved frozen become ``None``, leaves saved for parameters the
+    target holds frozen are filled in, and state that belongs to no single
+    parameter (``optax.flatten``'s vector) is taken as saved. With
+    ``flags="target"`` the target's state (fresh, from ``tx.init``) is kept
+    for parameters trainable only in the target and for state that belongs to
+    no single parameter, and the saved state of parameters the target holds
+    frozen is not read. Returns the entries still missing and the mismatches
+    left.
+    """
+    params = {
+        e.key: e for e in entries if e.opt_field is None and status(e) in ("trainable", "frozen")
+    }
+    target_trainable = {join(k) for k, e in params.items() if status(e) == "trainable"}
+    if target_trainable == set(saved.trainable) & {join(k) for k in params}:
+        return missing, mismatched
+
+    def owner(mirror: Key) -> Entry | None:
+        found = [e for k, e in params.items() if mirror and k[len(k) - len(mirror) :] == mirror]
+        return found[0] if len(found) == 1 else None
+
+    still_missing = []
+    for entry in missing:
+        mirror = entry.mirror
+        param = owner(key_of(mirror)) if mirror is not None else None
+        frozen_when_saved = param is not None and join(param.key) in saved.frozen
+        if not frozen_when_saved:
+            still_missing.append(entry)
+        elif flags == "checkpoint":
+            opt.to_none.add(entry.paths[0])
+    fields = {e.opt_field for e in entries if e.opt_field is not None}
+    for key in stored:
+        if key in consumed:
+            continue
+        for opt_field in fields:
+            base = key_of(opt_field)
+            if key[: len(base)] != base:
+                continue
+            param = owner(key[len(base) :])
+            if param is None or status(param) != "frozen" or join(param.key) in saved.frozen:
+                continue
+            consumed.add(key)
+            if flags == "checkpoint":
+                path = (*opt_field, *param.paths[0][len(param.paths[0]) - len(key) + len(base) :])
+                opt.fill[path] = key
+                opt.shardings[path] = _sharding(param)
+            break
+
+    def shared(entry: Entry) -> bool:
+        """State of no single parameter (a flat vector of all of them, a count)."""
+        return entry.mirror is not None and owner(key_of(entry.mirror)) is None
+
+    if flags == "target":  # never hand one parameter's state to another: keep it fresh
+        for entry in entries:
+            if entry.key in chosen and shared(entry) and shape_dtype(entry.value)[0] != ():
+                if isinstance(entry.value, jax.ShapeDtypeStruct):
+                    raise ValueError(
+                        f"`target` optimizer state at {join(entry.key)!r} belongs to no single "
+                        "parameter and the checkpoint trained other parameters, so it starts "
+                        "fresh, but it is abstract. Build the optimizer state for the target "
+                        "with tx.init(ff.trainable_tree(tree)) before restoring into it."
+                    )
+                del chosen[entry.key]
+    still_mismatched = []
+    by_name = {join(chosen[e.key]): e for e in entries if e.key in chosen}
+    for problem in mismatched:
+        name = problem.split(" (", 1)[0]
+        entry = by_name.get(name)
+        if entry is None or not shared(entry):
+            still_mismatched.append(problem)
+            continue
+        del chosen[entry.key]  # state of no single parameter: fresh, or taken as saved
+        if flags == "checkpoint":
+            key = tuple(name.split("/"))
+            opt.fill[entry.paths[0]] = key
+            opt.shardings[entry.paths[0]] = _default_sharding()
+    return still_missing, still_mismatched
 
 
 def _plan_tie(
@@ -1447,7 +1566,7 @@ def _plan_retype_value(retype: _Retype, saved: Flags, entry: Entry, name: str) -
     frozen by an ``ffl.FrozenBox``, and so is a bare value the checkpoint held
     in boxes; any other bare value by an ``ff.FrozenParam``.
     """
-    if entry.in_module or entry.linen in ("state", "frozen"):
+    if entry.in_module or entry.linen in ("state", "frozen") or entry.opt_field is not None:
         return
     path = entry.paths[0]
     if entry.box is not None and is_frozen_box(entry.box):
