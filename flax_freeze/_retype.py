@@ -17,11 +17,16 @@ from ._boxes import is_frozen_box
 from ._filters import (
     Path,
     Predicate,
+    is_nothing,
+    listing,
     matched_nothing,
+    path_str,
+    path_string_advice,
     short_repr,
-    string_filter_advice,
     to_predicate,
 )
+from ._nnx_compat import check_bridge_retype, sync_bridge_class
+from ._qwix import check_qwix
 from ._variables import PARAM_TYPE_KEY, TRAINED_DTYPE_KEY, FrozenParam, Trainable
 
 N = TypeVar("N")
@@ -105,7 +110,17 @@ def replace(
     ``setattr``, as are lists and dicts inside them; containers outside modules
     and immutable ones (tuples, dataclasses) are rebuilt and put on their
     parent. Returns the node, or its rebuilt copy when it is an immutable pytree.
+
+    An ``nnx.bridge.ToNNX`` module gets the class that matches what it then
+    holds (one holding a ``FrozenParam`` hands it to Linen in ``params``).
+
+    Raises:
+        ValueError: inside a JAX transformation, if a plain ``nnx.bridge.ToNNX``
+            would get a frozen parameter (its class change could not leave the
+            transformation); nothing is changed then.
     """
+    if any(isinstance(v, FrozenParam) for v in new_variables.values()):
+        check_bridge_retype(node, lambda v: isinstance(new_variables.get(id(v)), FrozenParam))
     seen: set[int] = set()
 
     def visit(x: Any, path: Path, in_module: bool) -> Any:
@@ -124,6 +139,7 @@ def replace(
                 new = visit(child, (*path, key), True)
                 if new is not child:
                     setattr(x, str(key), new)
+            sync_bridge_class(x)
             return x
         children, aux = impl.flatten(x)
         new_children = [(key, visit(child, (*path, key), in_module)) for key, child in children]
@@ -233,10 +249,18 @@ def _matches(pred: Predicate, site: _Site) -> bool:
     return any(pred(path, site.variable) for path in site.paths)
 
 
-def _advice(func: str, node: Any, filter: Any, params: list[nnx.Variable], boxes: bool) -> str:
+def _advice(
+    func: str,
+    node: Any,
+    filter: Any,
+    params: list[nnx.Variable],
+    boxes: bool,
+    paths: list[str],
+) -> str:
     """A sentence on the likely mistake behind a filter that matched nothing.
 
-    ``params`` are the node's parameters (variables and bare leaves, as ``nnx.Param``).
+    ``params`` are the node's parameters (variables and bare leaves, as
+    ``nnx.Param``), ``paths`` their ``'/'``-joined paths.
     """
     if not params and boxes:
         return (
@@ -254,7 +278,13 @@ def _advice(func: str, node: Any, filter: Any, params: list[nnx.Variable], boxes
             "array or float leaf (integers, booleans and strings are never parameters)."
         )
     if isinstance(filter, str):
-        return string_filter_advice(filter)
+        return path_string_advice(filter, paths)
+    if filter is None:
+        which = "trainable" if func == "freeze" else "frozen"
+        return (
+            f"None selects nothing as an NNX filter: omit the filter to {func} every "
+            f"{which} parameter, or pass nnx.Nothing to change nothing on purpose."
+        )
     is_type = isinstance(filter, type)
     if func == "freeze" and is_type and issubclass(filter, FrozenParam):
         return (
@@ -281,18 +311,46 @@ def _select(
     trainable leaf is shown to the filter as the ``nnx.Param`` it stands for.
     """
     check_node(func, node)
-    pred = to_predicate(filter)
+    pred = to_predicate(filter, strings="path")
+    if is_nothing(filter):
+        return {}, {}
     boxes: dict[Path, Any] = {}
     sites, raw = collect(node, boxes)
     params = {k: s for k, s in sites.items() if isinstance(s.variable, nnx.Param | FrozenParam)}
     chosen = {k: s for k, s in params.items() if _matches(pred, s)}
     chosen_raw = {p: x for p, x in raw.items() if selects_leaf(pred, p, x)}
-    if not chosen and not chosen_raw and not missing_ok:
-        all_paths = [s.paths[0] for s in params.values()] + list(raw)
+    if chosen or chosen_raw:
+        return chosen, chosen_raw
+    if isinstance(filter, str):
+        _check_not_a_tag(func, filter, params)
+    if not missing_ok:
+        all_paths = sorted([s.paths[0] for s in params.values()] + list(raw), key=str)
         found = [s.variable for s in params.values()] + [nnx.Param(x) for x in raw.values()]
-        advice = _advice(func, node, filter, found, bool(boxes))
-        raise matched_nothing(func, filter, node, sorted(all_paths, key=str), advice=advice)
+        joined = [path_str(p) for p in all_paths]
+        advice = _advice(func, node, filter, found, bool(boxes), joined)
+        raise matched_nothing(func, filter, node, all_paths, advice=advice)
     return chosen, chosen_raw
+
+
+def _check_not_a_tag(func: str, filter: str, params: dict[int, _Site]) -> None:
+    """Raises when a string that selects no path is the NNX tag of some parameters.
+
+    A plain string is a path regex in ``freeze``/``unfreeze``; one that was
+    meant as a tag would otherwise select nothing, silently with ``missing_ok``.
+    """
+    tagged = sorted(
+        path_str(site.paths[0])
+        for site in params.values()
+        if site.variable.get_metadata().get("tag") == filter
+    )
+    if tagged:
+        raise ValueError(
+            f"`filter` {filter!r} passed to {func}() is a path regex (a plain string always is "
+            f"in flax_freeze) and matches no path, but {len(tagged)} parameter(s) carry the NNX "
+            f"tag {filter!r}: {listing(tagged)}. To select them by tag pass "
+            f"nnx.WithTag({filter!r}); to select by path pass a pattern such as "
+            f"ff.PathRegex({tagged[0]!r})."
+        )
 
 
 def freeze(node: N, filter: Any = Trainable, *, missing_ok: bool = False, dtype: Any = None) -> N:
@@ -317,6 +375,12 @@ def freeze(node: N, filter: Any = Trainable, *, missing_ok: bool = False, dtype:
     a tree-mode trace (``jax.jit``, ``nnx.jit(graph=False)``) only what the
     function returns carries it: freeze eagerly, between steps, instead.
 
+    Bridged Linen modules (``nnx.bridge.ToNNX``) keep working with no extra
+    call: a wrapper that gets a frozen parameter switches to a class that
+    hands it to the Linen module in ``params`` (and back when none is left).
+    That switch happens eagerly, so the first freeze of a wrapper cannot
+    happen inside a JAX transformation (it raises there).
+
     With ``dtype`` (e.g. ``jnp.bfloat16``) the parameters this call freezes
     are kept in that precision to save memory: a new array of the same
     sharding replaces each one, its trained dtype is noted in the
@@ -328,7 +392,12 @@ def freeze(node: N, filter: Any = Trainable, *, missing_ok: bool = False, dtype:
         node: an NNX module or any pytree holding modules or arrays.
         filter: any NNX filter (a Variable type, ``nnx.PathContains``,
             ``nnx.All``/``Any``/``Not``, a callable ``(path, variable) -> bool``)
-            or :class:`PathRegex`. Defaults to every trainable parameter.
+            or :class:`PathRegex`. A plain string (alone or in a list) is a path
+            regex, as in ``ffl.freeze``: ``"head/.*"`` means
+            ``ff.PathRegex("head/.*")``; for an NNX tag pass ``nnx.WithTag(tag)``.
+            ``nnx.Nothing`` (or ``False``) selects nothing on purpose: the call
+            changes nothing and raises nothing. Defaults to every trainable
+            parameter.
         missing_ok: allow a filter that selects no parameter.
         dtype: keep the newly frozen parameters in this floating dtype.
 
@@ -337,9 +406,14 @@ def freeze(node: N, filter: Any = Trainable, *, missing_ok: bool = False, dtype:
 
     Raises:
         ValueError: if ``filter`` selects no parameter and ``missing_ok`` is False;
-            the message lists the node's parameter paths and the likely mistake (a
-            string filter is an NNX tag, not a path; ``FrozenParam`` selects
-            parameters frozen already; Linen params need ``ffl.freeze``).
+            the message lists the node's parameter paths (all of them up to a
+            dozen) and the fix for the likely mistake (a pattern that must match
+            the whole path, ``"head/.*"`` for ``"head"``; ``FrozenParam`` selects
+            parameters frozen already; Linen params need ``ffl.freeze``). Also,
+            whatever ``missing_ok``, if a string selects no path but is the NNX tag
+            of some parameters (pass ``nnx.WithTag``), or if a plain
+            ``nnx.bridge.ToNNX`` would get a frozen parameter inside a JAX
+            transformation.
         TypeError: if ``node`` cannot hold parameters (``None``, a string, a class,
             a Linen module), ``filter`` is not a filter (a class that is not a
             Variable type, a callable that cannot take ``(path, variable)``), or
@@ -356,9 +430,15 @@ def freeze(node: N, filter: Any = Trainable, *, missing_ok: bool = False, dtype:
         ('FrozenParam', 'Param')
         >>> model.layers[0].kernel.get_raw_value() is kernel
         True
+        >>> _ = ff.freeze(model, "layers/1/bias")  # a plain string is a path regex
+        >>> type(model.layers[1].bias).__name__
+        'FrozenParam'
+        >>> ff.freeze(model, nnx.Nothing) is model  # nothing, on purpose
+        True
     """
     stored_dtype = _check_dtype(dtype)
     chosen, chosen_raw = _select("freeze", node, filter, missing_ok)
+    check_qwix(node, [(s.variable, s.paths) for s in chosen.values()], filter)
     new_variables = {
         k: _frozen_copy(s.variable, stored_dtype)
         for k, s in chosen.items()
@@ -379,8 +459,10 @@ def unfreeze(node: N, filter: Any = FrozenParam, *, missing_ok: bool = False) ->
 
     Args:
         node: an NNX module or any pytree holding modules or arrays.
-        filter: any NNX filter or :class:`PathRegex`. Defaults to every frozen
-            parameter. Parameters that are already trainable are left alone.
+        filter: any NNX filter or :class:`PathRegex`; a plain string is a path
+            regex and ``nnx.Nothing`` a no-op, as for :func:`freeze`. Defaults to
+            every frozen parameter. Parameters that are already trainable are
+            left alone.
         missing_ok: allow a filter that selects no parameter.
 
     Returns:
@@ -390,7 +472,8 @@ def unfreeze(node: N, filter: Any = FrozenParam, *, missing_ok: bool = False) ->
         ValueError: if ``filter`` selects no parameter and ``missing_ok`` is False
             (also when nothing is frozen); the message lists the parameter paths and
             the likely mistake (``nnx.Param`` or ``ff.Trainable`` select trainable
-            parameters, never frozen ones).
+            parameters, never frozen ones). Also for a string that is a tag, not a
+            path, as for :func:`freeze`.
         TypeError: if ``node`` cannot hold parameters (``None``, a string, a class,
             a Linen module) or ``filter`` is not a filter.
 
@@ -421,14 +504,16 @@ def freezing(node: N, filter: Any = Trainable, *, missing_ok: bool = False) -> I
 
     Args:
         node: an NNX module or any pytree holding modules or arrays.
-        filter: any NNX filter or :class:`PathRegex`.
+        filter: any NNX filter or :class:`PathRegex`; a plain string is a path
+            regex and ``nnx.Nothing`` a no-op, as for :func:`freeze`.
         missing_ok: allow a filter that selects no parameter.
 
     Yields:
         The frozen node: ``node`` itself for modules, a new tree for pytrees.
 
     Raises:
-        ValueError: if ``filter`` selects no parameter and ``missing_ok`` is False.
+        ValueError: if ``filter`` selects no parameter and ``missing_ok`` is False,
+            and in the other cases of :func:`freeze`.
         TypeError: if ``node`` cannot hold parameters or ``filter`` is not a filter,
             as for :func:`freeze`.
 

@@ -38,12 +38,21 @@ from flax.nnx import filterlib, graphlib
 from flax.training import train_state
 
 from ._boxes import PARAMS, FrozenBox, frozen, is_frozen_box, is_variables_dict, strip_frozen
-from ._filters import PathRegex, check_arity, listing, matched_nothing, path_str, short_repr
+from ._filters import (
+    PathRegex,
+    check_arity,
+    is_nothing,
+    listing,
+    matched_nothing,
+    path_str,
+    short_repr,
+)
 from ._grad import grad_general, trainable_tree
+from ._nnx_compat import bridge_variables, from_frozen_box, make_aware
 from ._optimizer import apply_updates, migrate_opt_state
 from ._retype import freeze as _ff_freeze
 from ._retype import is_raw_trainable
-from ._variables import FrozenParam, Trainable
+from ._variables import Trainable
 
 __all__ = [
     "FrozenBox",
@@ -128,6 +137,8 @@ def _rebox(
 ) -> Any:
     """Applies ``change`` to the parameters of ``tree`` that ``filter`` selects."""
     _check_tree(func, tree)
+    if is_nothing(filter):
+        return tree
     pred = _predicate(filter)
     variables = is_variables_dict(tree)
     paths: list[tuple[Any, ...]] = []
@@ -174,9 +185,10 @@ def freeze(tree: Any, filter: Any = None, *, missing_ok: bool = False) -> Any:
     Args:
         tree: a Linen params dict, or a whole variables dict (then paths start
             with ``params/`` and only ``params`` is touched).
-        filter: :class:`flax_freeze.PathRegex` (or a regex string) over the
-            ``'/'``-joined path in ``tree``, or a callable ``(path, value) -> bool``.
-            Defaults to every parameter.
+        filter: :class:`flax_freeze.PathRegex` (or a plain string, which means
+            the same, as in ``ff.freeze``) over the ``'/'``-joined path in
+            ``tree``, or a callable ``(path, value) -> bool``. Defaults to every
+            parameter; ``nnx.Nothing`` selects nothing and returns ``tree`` itself.
         missing_ok: allow a filter that selects no parameter.
 
     Returns:
@@ -213,9 +225,10 @@ def unfreeze(tree: Any, filter: Any = None, *, missing_ok: bool = False) -> Any:
 
     Args:
         tree: a Linen params dict or a whole variables dict.
-        filter: :class:`flax_freeze.PathRegex` (or a regex string) over the
-            ``'/'``-joined path in ``tree``, or a callable ``(path, value) -> bool``.
-            Defaults to every parameter.
+        filter: :class:`flax_freeze.PathRegex` (or a plain string, which means
+            the same, as in ``ff.freeze``) over the ``'/'``-joined path in
+            ``tree``, or a callable ``(path, value) -> bool``. Defaults to every
+            parameter; ``nnx.Nothing`` selects nothing and returns ``tree`` itself.
         missing_ok: allow a filter that selects no parameter.
 
     Returns:
@@ -590,44 +603,6 @@ class TrainState(train_state.TrainState):
         return self._with_params(unfreeze(self.params, filter, missing_ok=missing_ok))
 
 
-class _ToNNXWithFrozen(nnx.bridge.ToNNX):
-    """``nnx.bridge.ToNNX`` whose frozen parameters reach Linen in ``params``.
-
-    ``ToNNX`` files each variable under the Linen collection of its type, and
-    ``ff.FrozenParam``'s is ``frozen_params``; the wrapped Linen module looks
-    its parameters up in ``params``. For the length of a call, each frozen
-    parameter is shown to Linen as an ``nnx.Param`` view of the same array
-    (boxed again by ``FrozenBox``); the ``FrozenParam`` objects stay in place.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self._pytree__state.initializing:
-            # ffl.to_nnx called before lazy_init: freeze what this call creates.
-            out = super().__call__(*args, **kwargs)
-            _ff_freeze(self, _from_frozen_box, missing_ok=True)
-            return out
-        swapped: list[tuple[Any, Any, Any, Any]] = []
-
-        def show_as_params(container: Any, items: Any, set_item: Callable[..., None]) -> None:
-            for key, value in items:
-                if isinstance(value, FrozenParam):
-                    view = nnx.Param.from_metadata(value.get_raw_value(), value.get_metadata())
-                    set_item(container, key, view)
-                    swapped.append((container, key, value, set_item))
-                elif isinstance(value, dict):
-                    show_as_params(value, list(value.items()), _set_dict_item)
-
-        attrs = [
-            (k, v) for k, v in vars(self).items() if not k.startswith(("to_nnx__", "_pytree__"))
-        ]
-        show_as_params(self, attrs, setattr)
-        try:
-            return super().__call__(*args, **kwargs)
-        finally:
-            for container, key, frozen, set_item in reversed(swapped):
-                set_item(container, key, frozen)
-
-
 def _stale_opt_state(tx: Any, opt_state: Any, expected: Any) -> ValueError | None:
     """The error for an ``opt_state`` made for another set of trainable parameters."""
     try:
@@ -644,26 +619,18 @@ def _stale_opt_state(tx: Any, opt_state: Any, expected: Any) -> ValueError | Non
     )
 
 
-def _set_dict_item(container: dict[Any, Any], key: Any, value: Any) -> None:
-    container[key] = value
-
-
-def _from_frozen_box(path: tuple[Any, ...], v: Any) -> bool:
-    del path
-    return isinstance(v, nnx.Param) and v.get_metadata().get("linen_meta_type") is FrozenBox
-
-
 def to_nnx(node: Any) -> Any:
     """Re-types the parameters that came from Linen frozen boxes as ``ff.FrozenParam``.
 
     ``nnx.bridge.ToNNX`` turns a boxed Linen parameter into an ``nnx.Param``
     that remembers its box type in the ``linen_meta_type`` metadata entry.
-    Call this after lazy initialisation to freeze exactly those, in place.
-    Every ``ToNNX`` wrapper in ``node`` keeps working: it hands its frozen
-    parameters to the Linen module in the ``params`` collection.
+    Call this after lazy initialisation to freeze exactly those, in place;
+    called before ``lazy_init``, the wrappers freeze them as they create them.
 
-    Called before ``lazy_init``, the wrappers freeze those parameters
-    themselves as they create them.
+    Nothing else is needed for a bridged model to keep working: ``ff.freeze``,
+    ``ff.unfreeze``, ``ff.freezing`` and ``ff.checkpoint.restore`` give each
+    ``ToNNX`` wrapper they put a frozen parameter in a class that hands it to
+    the Linen module in the ``params`` collection (see the bridge guide).
 
     Args:
         node: an NNX module, e.g. ``nnx.bridge.ToNNX(...)`` after ``lazy_init``,
@@ -675,6 +642,8 @@ def to_nnx(node: Any) -> Any:
     Raises:
         TypeError: if ``node`` holds no NNX module (a Linen module or params
             dict: wrap the module in ``nnx.bridge.ToNNX`` first).
+        ValueError: if called inside a JAX transformation on a wrapper whose
+            class has to change (call it eagerly).
 
     Example:
         >>> import jax.numpy as jnp
@@ -699,7 +668,7 @@ def to_nnx(node: Any) -> Any:
             "nnx.bridge.ToNNX(module, rngs=nnx.Rngs(0)); nnx.bridge.lazy_init(model, x); "
             "then ffl.to_nnx(model)."
         )
-    for _, x in nnx.iter_graph(node, graph=True):
-        if type(x) is nnx.bridge.ToNNX:
-            x.__class__ = _ToNNXWithFrozen
-    return _ff_freeze(node, _from_frozen_box, missing_ok=True)
+    for path, x in nnx.iter_graph(node, graph=True):
+        if isinstance(x, nnx.bridge.ToNNX) and not list(bridge_variables(x)):
+            make_aware(x, path)  # not initialised yet: freeze as lazy_init creates
+    return _ff_freeze(node, lambda _path, v: from_frozen_box(v), missing_ok=True)

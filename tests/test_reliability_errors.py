@@ -477,13 +477,13 @@ CASES = [
         id="freeze-pytree-without-parameters",
     ),
     pytest.param(
-        lambda: ff.freeze(lin(), "kernel"),
+        lambda: ff.freeze(lin(), "kernal"),
         ValueError,
-        r"`filter` 'kernel' passed to freeze\(\) matched no parameter of Linear.*A string "
-        r"filter is an NNX tag \(nnx\.WithTag\), not a path: to select by path use "
-        r"ff\.PathRegex\('kernel'\)",
+        r"`filter` 'kernal' passed to freeze\(\) matched no parameter of Linear.*A plain string "
+        r"is a path regex here, as ff\.PathRegex\('kernal'\); to select by NNX tag pass "
+        r"nnx\.WithTag\('kernal'\)",
         "unclear",
-        id="freeze-string-filter-is-a-tag",
+        id="freeze-string-filter-is-a-path-regex",
     ),
     pytest.param(
         lambda: ff.freeze(lin(), int),
@@ -784,11 +784,11 @@ CASES = [
         id="pathregex-none",
     ),
     pytest.param(
-        lambda: ff.PathRegex(re.compile("a/.*")),  # type: ignore[arg-type]
+        lambda: ff.PathRegex(re.compile(b"a/.*")),
         TypeError,
-        r"`pattern` must be a regular expression string, got re\.compile",
+        r"`pattern` must match text, got a bytes pattern re\.compile\(b'a/\.\*'\)",
         "clear",
-        id="pathregex-compiled-pattern",
+        id="pathregex-bytes-pattern",
     ),
     pytest.param(
         lambda: ff.PathRegex("blocks/[0-2/.*"),
