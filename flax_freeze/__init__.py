@@ -14,12 +14,15 @@ from ._retype import freezing as freezing
 from ._retype import unfreeze as unfreeze
 from ._summary import Summary as Summary
 from ._summary import summary as summary
+from ._variables import AnyParam as AnyParam
 from ._variables import FrozenParam as FrozenParam
 from ._variables import Trainable as Trainable
+from ._variables import register_param_type as register_param_type
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnyParam",
     "FrozenParam",
     "Optimizer",
     "PathRegex",
@@ -31,6 +34,7 @@ __all__ = [
     "freezing",
     "grad",
     "migrate_opt_state",
+    "register_param_type",
     "stop_frozen",
     "summary",
     "trainable_tree",

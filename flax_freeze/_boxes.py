@@ -1,7 +1,8 @@
-"""The Linen frozen marker: a metadata box around a parameter, and what sees through it."""
+"""Frozen markers in pytrees: the Linen box around a parameter, and other libraries' wrappers."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -98,6 +99,38 @@ def is_frozen_box(x: Any) -> bool:
             return True
         x = x.unbox()
     return False
+
+
+#: Other libraries' wrappers that mark a pytree node frozen, as ``(module, class
+#: name)``. A class is looked up only once its module is imported (nothing can be
+#: an instance of it before), so none of these libraries is required.
+FOREIGN_FROZEN: tuple[tuple[str, str], ...] = (("paramax", "NonTrainable"),)
+
+
+def foreign_frozen_types() -> tuple[type, ...]:
+    """The classes of :data:`FOREIGN_FROZEN` whose modules are imported."""
+    found = []
+    for module_name, class_name in FOREIGN_FROZEN:
+        module = sys.modules.get(module_name)
+        cls = getattr(module, class_name, None) if module is not None else None
+        if isinstance(cls, type):
+            found.append(cls)
+    return tuple(found)
+
+
+def is_foreign_frozen(x: Any) -> bool:
+    """Whether ``x`` is another library's frozen wrapper, e.g. ``paramax.NonTrainable``.
+
+    Everything inside it is frozen: no gradient, no optimizer state, counted
+    frozen; it is kept as it is, so the library's own unwrapping still works.
+    """
+    types = foreign_frozen_types()
+    return bool(types) and isinstance(x, types)
+
+
+def is_frozen_marker(x: Any) -> bool:
+    """Whether ``x`` marks a frozen pytree node: a Linen frozen box chain or a foreign wrapper."""
+    return is_frozen_box(x) or is_foreign_frozen(x)
 
 
 def strip_frozen(x: Any) -> Any:

@@ -21,11 +21,11 @@ from flax.core import meta
 from flax.nnx import graphlib
 from flax.training import train_state
 
-from ._boxes import PARAMS, is_frozen_box, is_variables_dict
+from ._boxes import PARAMS, is_foreign_frozen, is_frozen_box, is_variables_dict
 from ._filters import Path
 from ._optimizer import Optimizer
 from ._retype import is_raw_trainable
-from ._variables import FrozenParam
+from ._variables import FrozenParam, is_param
 
 Key = tuple[str, ...]
 #: Where an entry sits in Linen state: a ``params`` collection (trainable
@@ -241,6 +241,10 @@ def walk(
             in_opt = True
         if isinstance(x, train_state.TrainState):
             states.append((path, x))
+        if is_foreign_frozen(x):
+            # Inside another library's frozen wrapper (paramax.NonTrainable) every value
+            # is frozen, as in a frozen_params collection, and is never re-typed.
+            linen = "frozen"
         ancestors.add(id(x))
         child_in_module = in_module or isinstance(x, nnx.Pytree)
         optax_node = not in_module and is_optax_state(x)
@@ -268,7 +272,7 @@ def status(entry: Entry) -> str:
     its dtype (inexact values are trainable).
     """
     x = entry.variable
-    if isinstance(x, nnx.Param):
+    if is_param(x):
         return "trainable"
     if isinstance(x, FrozenParam):
         return "frozen"

@@ -12,7 +12,7 @@ import numpy as np
 from flax import linen, nnx
 from flax.nnx import graphlib
 
-from ._boxes import is_frozen_box
+from ._boxes import is_frozen_marker
 from ._filters import (
     Path,
     Predicate,
@@ -24,7 +24,7 @@ from ._filters import (
     to_predicate,
 )
 from ._retype import collect, is_raw_trainable, selects_leaf
-from ._variables import FrozenParam, Trainable
+from ._variables import FrozenParam, Trainable, is_any_param, unregistered_hint
 
 
 class _Leaf(nnx.Param):
@@ -32,8 +32,12 @@ class _Leaf(nnx.Param):
 
 
 def _is_stop(x: Any) -> bool:
-    """Leaves of a pytree walk: variables, NNX graph nodes and Linen frozen boxes."""
-    return isinstance(x, nnx.Variable) or graphlib.is_graph_node(x) or is_frozen_box(x)
+    """Leaves of a pytree walk: variables, NNX graph nodes and frozen markers.
+
+    Frozen markers are Linen frozen boxes and other libraries' frozen wrappers
+    (``paramax.NonTrainable``): nothing inside them is differentiated.
+    """
+    return isinstance(x, nnx.Variable) or graphlib.is_graph_node(x) or is_frozen_marker(x)
 
 
 def _wrap_leaves(tree: Any, pred: Predicate) -> Any:
@@ -155,20 +159,45 @@ def _selected_nothing(
 ) -> ValueError:
     """The error for an explicit ``wrt`` that selects nothing in the differentiated arguments."""
     paths: list[Path] = []
+    variables: list[nnx.Variable] = []
     for i in nums:
         sites, raw = collect(args[i])
-        params = [s for s in sites.values() if isinstance(s.variable, nnx.Param | FrozenParam)]
+        variables += [s.variable for s in sites.values()]
+        params = [s for s in sites.values() if is_any_param(s.variable)]
         prefix = (i,) if len(nums) > 1 else ()
         paths += [(*prefix, *s.paths[0]) for s in params] + [(*prefix, *p) for p in raw]
+    advice = string_filter_advice(wrt) or (unregistered_hint(variables) if not paths else "")
     return matched_nothing(
         func,
         wrt,
         args[nums[0]] if len(nums) == 1 else tuple(args[i] for i in nums),
         sorted(paths, key=str),
         argname="wrt",
-        advice=string_filter_advice(wrt),
+        advice=advice,
         escape="",
     )
+
+
+def _check_some_parameter(args: tuple[Any, ...], nums: tuple[int, ...]) -> None:
+    """Raises when the differentiated arguments hold no parameter but look as if they did.
+
+    That is: no ``nnx.Param``, registered type, ``FrozenParam`` or bare
+    trainable leaf, but variables of another library's types holding floats
+    (GPJax's ``PositiveReal`` before ``ff.register_param_type``). An empty
+    gradient there would be a silent wrong result.
+    """
+    for i in nums:
+        sites, raw = collect(args[i])
+        variables = [s.variable for s in sites.values()]
+        if raw or any(is_any_param(v) for v in variables):
+            continue
+        hint = unregistered_hint(variables)
+        if hint:
+            raise ValueError(
+                f"`argnums` names argument {i}, a {type(args[i]).__name__}, which holds no "
+                f"parameter (nnx.Param or ff.FrozenParam), so ff.grad would return no "
+                f"gradient at all. {hint}"
+            )
 
 
 def _variables_by_path(tree: Any) -> dict[Path, nnx.Variable]:
@@ -222,13 +251,16 @@ def grad_general(
                     "ff.grad(loss)(variables['params']) or ffl.grad(loss)(variables)."
                 )
         pytree_positions = [i for i in nums if not graphlib.is_graph_node(args[i])]
+        originals = args
         # Bare trainable leaves of pytree arguments are wrapped as parameters for the split.
         args = tuple(
             _wrap_leaves(a, pred) if i in pytree_positions else a for i, a in enumerate(args)
         )
         graphdef, diff, rest = nnx.split((args, kwargs), is_diff, ..., graph=True)
-        if require_match and not diff:
-            raise _selected_nothing(func, wrt, _unwrap_leaves(args), nums)
+        if not diff:
+            if require_match:
+                raise _selected_nothing(func, wrt, originals, nums)
+            _check_some_parameter(originals, nums)
         written: list[Path] = []
 
         def pure(diff: nnx.State, rest: nnx.State) -> tuple[Any, tuple[Any, list[Any]]]:
@@ -307,16 +339,19 @@ def grad(
         f: function to differentiate; returns a scalar (or ``(scalar, aux)``).
         argnums: position, or tuple of positions, of the arguments to differentiate.
         wrt: NNX filter of the variables to differentiate; defaults to
-            :data:`Trainable` (``nnx.Param`` and subclasses, never ``FrozenParam``).
+            :data:`Trainable` (``nnx.Param``, its subclasses and the types
+            declared with :func:`register_param_type`, never ``FrozenParam``).
         has_aux: whether ``f`` returns ``(loss, aux)``.
 
     Any pytree is accepted too (NamedTuples, registered or ``flax.struct``
     dataclasses, dicts, lists, nested mixes, NNX modules inside them). There
     the differentiated leaves are inexact (floating or complex) arrays and
     Python floats that ``wrt`` selects (a bare leaf is shown to the filter as
-    the ``nnx.Param`` it stands for) and ``nnx.Param`` variables; never the
-    contents of a ``FrozenParam`` (or any other non-``Param`` variable),
-    integer or boolean leaves, strings or static data — without error.
+    the ``nnx.Param`` it stands for) and parameter variables; never the
+    contents of a ``FrozenParam`` (or any other variable that is not a
+    parameter), of a Linen frozen box or of ``paramax.NonTrainable`` (which get
+    ``None``), integer or boolean leaves, strings or static data — without
+    error.
 
     Returns:
         A function with ``f``'s arguments that returns the gradients, one entry
@@ -342,7 +377,10 @@ def grad(
         ValueError: when called, if ``argnums`` names a position the call did
             not pass, or a ``wrt`` you gave selects nothing in the differentiated
             arguments (a typo; a string filter is a tag, not a path). The default
-            ``wrt`` may select nothing: a fully frozen model gets empty gradients.
+            ``wrt`` may select nothing: a fully frozen model gets empty gradients;
+            but an argument holding no parameter at all, only another library's
+            variables of floats (GPJax's ``PositiveReal`` before
+            :func:`register_param_type`), raises and names the type to register.
 
     Example:
         >>> import jax.numpy as jnp
@@ -407,8 +445,10 @@ def _stop_leaf(x: Any) -> Any:
 def stop_frozen(tree: Any) -> Any:
     """Returns ``tree`` with every frozen value behind ``lax.stop_gradient``.
 
-    Frozen values are the contents of ``FrozenParam`` variables and of Linen
-    frozen boxes (``ffl.FrozenBox``).
+    Frozen values are the contents of ``FrozenParam`` variables, of Linen
+    frozen boxes (``ffl.FrozenBox``) and of other libraries' frozen wrappers
+    (``paramax.NonTrainable``, kept as a wrapper so that ``paramax.unwrap``
+    still works).
 
     Plain ``jax.grad`` differentiates a ``FrozenParam`` inside a pytree like any
     other leaf (it is pytree data, so tracers may live in it). Prefer
@@ -438,12 +478,12 @@ def stop_frozen(tree: Any) -> Any:
         if isinstance(x, FrozenParam):
             value = jax.tree.map(_stop_leaf, x.get_raw_value())
             return FrozenParam.from_metadata(value, x.get_metadata())
-        if is_frozen_box(x):
+        if is_frozen_marker(x):
             return jax.tree.map(_stop_leaf, x)
         return x
 
     return jax.tree.map(
-        stop, tree, is_leaf=lambda x: isinstance(x, nnx.Variable) or is_frozen_box(x)
+        stop, tree, is_leaf=lambda x: isinstance(x, nnx.Variable) or is_frozen_marker(x)
     )
 
 
@@ -458,9 +498,10 @@ def trainable_tree(tree: Any, *, wrt: Any = Trainable) -> Any:
     Returns:
         A mirror of ``tree`` with each trainable leaf's value (bare floats as
         arrays), each trainable variable, the trainable ``nnx.State`` of each
-        module, and ``None`` at every other leaf. optax treats ``None`` as an
-        empty subtree, so ``tx.init(ff.trainable_tree(tree))`` holds state for
-        the trainable leaves only.
+        module, and ``None`` at every other leaf (in place of a whole
+        ``paramax.NonTrainable`` wrapper or Linen frozen box). optax treats
+        ``None`` as an empty subtree, so ``tx.init(ff.trainable_tree(tree))``
+        holds state for the trainable leaves only.
 
     Raises:
         TypeError: if ``wrt`` is not a filter.

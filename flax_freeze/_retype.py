@@ -13,7 +13,7 @@ import numpy as np
 from flax import linen, nnx
 from flax.nnx import graphlib
 
-from ._boxes import is_frozen_box
+from ._boxes import is_frozen_box, is_frozen_marker
 from ._filters import (
     Path,
     Predicate,
@@ -27,7 +27,16 @@ from ._filters import (
 )
 from ._nnx_compat import check_bridge_retype, sync_bridge_class
 from ._qwix import check_qwix
-from ._variables import PARAM_TYPE_KEY, TRAINED_DTYPE_KEY, FrozenParam, Trainable
+from ._variables import (
+    PARAM_TYPE_KEY,
+    TRAINED_DTYPE_KEY,
+    FrozenParam,
+    Trainable,
+    is_any_param,
+    is_param,
+    param_types,
+    unregistered_hint,
+)
 
 N = TypeVar("N")
 
@@ -62,8 +71,9 @@ def collect(
 
     Variables are keyed by identity and carry *every* path they are reachable by
     (a tied variable has several). Bare leaves are only collected outside NNX
-    modules (inside a module only variables are state), keyed by path. Linen
-    frozen boxes are not looked into; they are put in ``boxes`` when given.
+    modules (inside a module only variables are state), keyed by path. Frozen
+    markers (Linen frozen boxes, ``paramax.NonTrainable``) are not looked into;
+    they are put in ``boxes`` when given.
     """
     sites: dict[int, _Site] = {}
     raw: dict[Path, Any] = {}
@@ -74,7 +84,7 @@ def collect(
             site.paths.append(path)
             site.in_module = site.in_module or in_module
             return
-        if is_frozen_box(x):
+        if is_frozen_marker(x):
             if boxes is not None:
                 boxes[path] = x
             return
@@ -254,19 +264,30 @@ def _advice(
     node: Any,
     filter: Any,
     params: list[nnx.Variable],
-    boxes: bool,
+    boxes: list[Any],
     paths: list[str],
+    variables: list[nnx.Variable],
 ) -> str:
     """A sentence on the likely mistake behind a filter that matched nothing.
 
     ``params`` are the node's parameters (variables and bare leaves, as
-    ``nnx.Param``), ``paths`` their ``'/'``-joined paths.
+    ``nnx.Param``), ``paths`` their ``'/'``-joined paths, ``boxes`` its frozen
+    markers and ``variables`` all its variables.
     """
-    if not params and boxes:
+    if not params and any(is_frozen_box(b) for b in boxes):
         return (
             "It holds Linen frozen parameters (ffl.FrozenBox): use ffl.freeze / "
             "ffl.unfreeze on Linen params dicts."
         )
+    if not params and boxes:
+        names = ", ".join(sorted({type(b).__name__ for b in boxes}))
+        return (
+            f"It holds only other libraries' frozen wrappers ({names}), which freeze and "
+            "unfreeze leave as they are: unwrap them with that library."
+        )
+    hint = unregistered_hint(variables)
+    if not params and hint:
+        return hint
     if not params and isinstance(node, nnx.Optimizer):
         return (
             "An nnx.Optimizer holds no model parameters: freeze the model itself "
@@ -291,7 +312,9 @@ def _advice(
             "The filter selects which trainable parameters to freeze; FrozenParam "
             "selects parameters that are frozen already."
         )
-    if func == "unfreeze" and (filter is Trainable or (is_type and issubclass(filter, nnx.Param))):
+    if func == "unfreeze" and (
+        filter is Trainable or (is_type and issubclass(filter, param_types()))
+    ):
         return (
             "The filter selects which frozen parameters to make trainable; nnx.Param and "
             "ff.Trainable select trainable ones (a frozen parameter is a FrozenParam): "
@@ -316,7 +339,7 @@ def _select(
         return {}, {}
     boxes: dict[Path, Any] = {}
     sites, raw = collect(node, boxes)
-    params = {k: s for k, s in sites.items() if isinstance(s.variable, nnx.Param | FrozenParam)}
+    params = {k: s for k, s in sites.items() if is_any_param(s.variable)}
     chosen = {k: s for k, s in params.items() if _matches(pred, s)}
     chosen_raw = {p: x for p, x in raw.items() if selects_leaf(pred, p, x)}
     if chosen or chosen_raw:
@@ -327,7 +350,8 @@ def _select(
         all_paths = sorted([s.paths[0] for s in params.values()] + list(raw), key=str)
         found = [s.variable for s in params.values()] + [nnx.Param(x) for x in raw.values()]
         joined = [path_str(p) for p in all_paths]
-        advice = _advice(func, node, filter, found, bool(boxes), joined)
+        variables = [s.variable for s in sites.values()]
+        advice = _advice(func, node, filter, found, list(boxes.values()), joined, variables)
         raise matched_nothing(func, filter, node, all_paths, advice=advice)
     return chosen, chosen_raw
 
@@ -440,9 +464,7 @@ def freeze(node: N, filter: Any = Trainable, *, missing_ok: bool = False, dtype:
     chosen, chosen_raw = _select("freeze", node, filter, missing_ok)
     check_qwix(node, [(s.variable, s.paths) for s in chosen.values()], filter)
     new_variables = {
-        k: _frozen_copy(s.variable, stored_dtype)
-        for k, s in chosen.items()
-        if isinstance(s.variable, nnx.Param)
+        k: _frozen_copy(s.variable, stored_dtype) for k, s in chosen.items() if is_param(s.variable)
     }
     new_leaves = {p: _frozen_leaf(x, stored_dtype) for p, x in chosen_raw.items()}
     return replace(node, new_variables, new_leaves)

@@ -10,12 +10,13 @@ import jax
 import numpy as np
 from flax import nnx
 from flax.core import meta
+from flax.nnx import graphlib
 from flax.training import train_state
 
-from ._boxes import PARAMS, is_variables_dict
-from ._filters import path_str
-from ._retype import check_node, collect
-from ._variables import FrozenParam
+from ._boxes import PARAMS, is_foreign_frozen, is_frozen_box, is_variables_dict
+from ._filters import Path, path_str
+from ._retype import check_node, collect, is_raw_trainable
+from ._variables import FrozenParam, is_param
 
 STATUSES = ("trainable", "frozen", "state")
 
@@ -47,7 +48,7 @@ class Totals:
 
 
 def _status(x: Any) -> str:
-    if isinstance(x, nnx.Param):
+    if is_param(x):
         return "trainable"
     if isinstance(x, FrozenParam):
         return "frozen"
@@ -197,6 +198,11 @@ def summary(node: Any) -> Summary:
             ``TrainState`` (its params; step, optimizer state and other
             fields are state).
 
+    Parameters of types declared with :func:`register_param_type` are
+    trainable like ``nnx.Param``. Inside another library's frozen wrapper
+    (``paramax.NonTrainable``) every inexact leaf and every variable is
+    frozen; its rows show the wrapper's type name.
+
     A variable that holds no array (a string, ``None``) is listed with its
     Python type in the ``dtype`` column and a count of 0; one holding a
     container (a list, a dict) counts the arrays and numbers inside it.
@@ -251,18 +257,72 @@ def summary(node: Any) -> Summary:
 
 
 def _rows(node: Any, prefix: tuple[Any, ...], status: str | None, bare: str) -> list[Row]:
-    """Rows of one tree: variables, Linen frozen boxes and bare inexact leaves.
+    """Rows of one tree: variables, frozen markers and bare inexact leaves.
 
     ``status`` overrides the status of bare leaves (a Linen collection other
     than ``params``); ``bare`` is the type shown for them.
     """
     boxes: dict[Any, Any] = {}
     sites, raw = collect(node, boxes)
+    markers = _foreign_markers(node)
+
+    def marked(path: Path) -> bool:
+        return any(path[: len(m)] == m for m in markers)
+
     rows = [
-        _row(path_str((*prefix, *min(s.paths, key=path_str))), s.variable) for s in sites.values()
+        _row(path_str((*prefix, *min(s.paths, key=path_str))), s.variable)
+        for s in sites.values()
+        if not all(marked(p) for p in s.paths)
     ]
     for path, box in boxes.items():
-        rows.append(_row(path_str((*prefix, *path)), meta.unbox(box), type(box).__name__, "frozen"))
+        if not marked(path):
+            rows.append(
+                _row(path_str((*prefix, *path)), meta.unbox(box), type(box).__name__, "frozen")
+            )
     for path, x in raw.items():
-        rows.append(_row(path_str((*prefix, *path)), x, bare, status or "trainable"))
+        if not marked(path):
+            rows.append(_row(path_str((*prefix, *path)), x, bare, status or "trainable"))
+    for path, marker in markers.items():
+        rows += _marker_rows((*prefix, *path), marker)
+    return rows
+
+
+def _foreign_markers(node: Any) -> dict[Path, Any]:
+    """Other libraries' frozen wrappers (``paramax.NonTrainable``) outside NNX modules, by path.
+
+    Inside a module only variables are state, as in ``collect``.
+    """
+    found: dict[Path, Any] = {}
+
+    def visit(x: Any, path: Path, ancestors: set[int]) -> None:
+        if is_foreign_frozen(x):
+            found[path] = x
+            return
+        if isinstance(x, nnx.Variable | nnx.Pytree) or is_frozen_box(x):
+            return
+        impl = graphlib.get_node_impl(x)
+        if impl is None or id(x) in ancestors:
+            return
+        ancestors.add(id(x))
+        for key, child in impl.node_dict(x).items():
+            visit(child, (*path, key), ancestors)
+        ancestors.discard(id(x))
+
+    visit(node, (), set())
+    return found
+
+
+def _marker_rows(path: Path, marker: Any) -> list[Row]:
+    """Frozen rows for what a foreign wrapper holds: its variables and inexact leaves."""
+    kind = type(marker).__name__
+    leaves = jax.tree_util.tree_leaves_with_path(
+        marker, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+    rows = []
+    for key_path, x in leaves:
+        where = path_str((*path, *graphlib.jax_to_nnx_path(key_path)))
+        if isinstance(x, nnx.Variable):
+            rows.append(_row(where, x, status="frozen"))
+        elif is_raw_trainable(x):
+            rows.append(_row(where, x, kind, "frozen"))
     return rows

@@ -115,7 +115,15 @@ from ._optimizer import Optimizer, migrate_opt_state
 from ._retype import freeze, replace, unfreeze
 from ._summary import Row as Row
 from ._summary import human_bytes, table
-from ._variables import PARAM_TYPE_KEY, TRAINED_DTYPE_KEY, FrozenParam
+from ._variables import (
+    PARAM_TYPE_KEY,
+    TRAINED_DTYPE_KEY,
+    FrozenParam,
+    is_any_param,
+    is_param,
+    param_types,
+    unregistered_hint,
+)
 from .linen import TrainState
 
 __all__ = [
@@ -162,8 +170,8 @@ def _qualname(cls: type) -> str:
 
 
 def _param_class(name: str | None) -> type | None:
-    """The ``nnx.Param`` subclass (or ``nnx.Param``) of that qualified name, if loaded."""
-    todo: list[type] = [nnx.Param]
+    """The parameter type (``nnx.Param``, a subclass, a registered type) of that name, if loaded."""
+    todo: list[type] = list(param_types())
     while todo:
         cls = todo.pop()
         if _qualname(cls) == name:
@@ -1034,6 +1042,9 @@ class _Retype:
     to_box: set[Path] = field(default_factory=set)  # Linen values to put in an ffl.FrozenBox
     to_unbox: set[Path] = field(default_factory=set)  # Linen boxes to take it off
     to_param: set[Path] = field(default_factory=set)  # bare leaves to hold in an ff.FrozenParam
+    # Saved frozen, but in the target a variable that is not a parameter (an
+    # unregistered type): it cannot take the flag.
+    not_params: list[tuple[str, nnx.Variable]] = field(default_factory=list)
 
 
 def _linen_opt_state(
@@ -1286,6 +1297,16 @@ def _plan(layout: _Layout, target: Any, flags: str, partial: bool, verify: bool)
             "(concrete, or abstract from nnx.eval_shape)."
         )
     retype = _plan_retype(saved, entries, stored) if saved is not None else None
+    if retype is not None and retype.not_params and flags == "checkpoint":
+        name, variable = retype.not_params[0]
+        raise ValueError(
+            f"The checkpoint holds {name!r} frozen, but in `target` it is a "
+            f"{type(variable).__name__}, which is not a parameter, so it cannot be frozen. "
+            + (
+                unregistered_hint([v for _, v in retype.not_params])
+                or "Pass a target of the saved model, or flags='target' to keep its own."
+            )
+        )
     # Optimizers are given the state structure they had when saved.
     rebuilt: list[tuple[Optimizer[Any], Any, tuple[Path, ...]]] = []
     for opt_path, opt in walked.optimizers:
@@ -1543,8 +1564,10 @@ def _plan_retype(saved: Flags, entries: list[Entry], stored: Mapping[Key, _Store
             _plan_retype_value(retype, saved, entry, name)
             continue
         has_type = PARAM_TYPE_KEY in variable.get_metadata()
+        if name in saved.frozen and not is_any_param(variable):
+            retype.not_params.append((name, variable))
         if name in saved.frozen:
-            if isinstance(variable, nnx.Param):
+            if is_param(variable):
                 retype.to_freeze.add(id(variable))
             elif isinstance(variable, FrozenParam) and not has_type:
                 cls = _param_class(saved.param_types.get(name))

@@ -741,7 +741,9 @@ def test_save_refuses_to_overwrite_without_force(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     (tmp_path / "file").write_text("x")
     with pytest.raises(
-        ValueError, match=r"`directory` '.*file' is a file, not a checkpoint\. save\(\.\.\., force=True\) replaces only"
+        ValueError,
+        match=r"`directory` '.*file' is a file, not a checkpoint\. save\(\.\.\., force=True\) "
+        r"replaces only",
     ):
         ff.checkpoint.save(tmp_path / "file", {"a": jnp.ones(3)}, force=True)
 
