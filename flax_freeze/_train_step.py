@@ -21,7 +21,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from . import _version
 from ._filters import Path, listing, path_str, short_repr
-from ._grad import value_and_grad
+from ._grad import _describe, value_and_grad
 from ._optimizer import Optimizer
 from ._variables import FrozenParam, is_any_param
 
@@ -91,15 +91,6 @@ def _split_kwargs(kwargs: dict[str, Any]) -> tuple[tuple[tuple[str, Any], ...], 
     if not static:
         return (), kwargs
     return static, {k: v for k, v in kwargs.items() if not _is_static(v)}
-
-
-def _describe(out: Any) -> str:
-    if isinstance(out, tuple):
-        return f"a tuple of length {len(out)}"
-    shape = getattr(out, "shape", None)
-    if shape is not None:
-        return f"an array of shape {tuple(shape)}"
-    return f"a {type(out).__name__}"
 
 
 def _objective(loss_fn: Callable[..., Any], has_aux: bool) -> Callable[..., Any]:
