@@ -63,6 +63,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import itertools
+import logging
 import math
 import os
 import re
@@ -1978,6 +1979,24 @@ def _without_loop_noise(previous: Any) -> Any:
     return hook
 
 
+class _DropOrphanReadErrors(logging.Filter):
+    """Drops asyncio's report of a TensorStore read error that no one retrieved.
+
+    When one read of a damaged checkpoint fails, orbax gives up on the others;
+    those that fail too are reported by asyncio, when collected, as "Task
+    exception was never retrieved" with a traceback. The first failure is
+    raised as usual, so these reports only repeat it. Every other record passes.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        orphan = str(record.msg).partition("\n")[0].endswith("exception was never retrieved")
+        return not (orphan and error is not None and "tensorstore" in str(error))
+
+
+_ORPHAN_FILTER = _DropOrphanReadErrors()
+
+
 @contextlib.contextmanager
 def _quiet_failure() -> Iterator[None]:
     """Keeps a failing orbax read from printing stray tracebacks.
@@ -1995,10 +2014,11 @@ def _quiet_failure() -> Iterator[None]:
     try:
         yield
     except BaseException:
-        # The hook stays: the pending reads fail later. Coroutines orbax left
+        # The hook and the filter stay: the pending reads fail later. Coroutines orbax left
         # unawaited are collected now, without their "never awaited" warnings.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
+            logging.getLogger("asyncio").addFilter(_ORPHAN_FILTER)  # added once, by identity
             gc.collect()
         raise
     sys.unraisablehook = previous

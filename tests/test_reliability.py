@@ -4,6 +4,8 @@ integrity checks, tied targets, validation of the flags item, and crafted files.
 Race tests run a fixed number of rounds in child processes, each with a timeout.
 """
 
+import asyncio
+import gc
 import json
 import os
 import re
@@ -629,6 +631,29 @@ def test_array_level_damage_is_one_line_without_stray_tracebacks(tmp_path, damag
     )
     assert inspect.returncode in (0, 2), inspect.stderr[-3000:]
     assert "Traceback" not in inspect.stderr
+
+
+def test_unretrieved_read_errors_of_a_failed_read_are_not_logged(caplog):
+    # Reads orbax gave up on after the first failure are reported by asyncio
+    # when collected, at a random time; only those reports are dropped.
+    with pytest.raises(ValueError, match="first"):
+        with ff.checkpoint._quiet_failure():
+            raise ValueError("first")
+
+    async def fail(text):
+        raise ValueError(text)
+
+    loop = asyncio.new_event_loop()
+    tasks = [
+        loop.create_task(fail("OUT_OF_RANGE [tensorstore_spec='{}']")),
+        loop.create_task(fail("mine")),
+    ]
+    loop.run_until_complete(asyncio.sleep(0))
+    del tasks
+    gc.collect()
+    loop.close()
+    reports = [r for r in caplog.records if r.name == "asyncio"]
+    assert [r.exc_info[1].args[0] for r in reports if r.exc_info] == ["mine"]
 
 
 def test_cli_on_a_fifo_does_not_hang(tmp_path):
