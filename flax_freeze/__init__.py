@@ -14,6 +14,7 @@ from ._retype import freezing as freezing
 from ._retype import unfreeze as unfreeze
 from ._summary import Summary as Summary
 from ._summary import summary as summary
+from ._train_step import TrainStep as TrainStep
 from ._variables import AnyParam as AnyParam
 from ._variables import FrozenParam as FrozenParam
 from ._variables import Trainable as Trainable
@@ -27,6 +28,7 @@ __all__ = [
     "Optimizer",
     "PathRegex",
     "Summary",
+    "TrainStep",
     "Trainable",
     "apply_updates",
     "checkpoint",

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from flax.core import meta
-from flax.nnx import graphlib
 from flax.training import train_state
 
 from ._boxes import PARAMS, is_foreign_frozen, is_frozen_box, is_variables_dict
+from ._compat import get_node_impl
 from ._filters import Path
 from ._optimizer import Optimizer
 from ._retype import is_raw_trainable
@@ -229,7 +229,7 @@ def walk(
             value = jax.tree_util.tree_leaves(x)[0]
             leaves.append(Entry([path], value, None, in_module, in_opt, x, linen, opt_field))
             return
-        impl = graphlib.get_node_impl(x)
+        impl = get_node_impl(x)
         if impl is None:
             if is_module_leaf(x) if in_module else is_tree_leaf(x):
                 leaves.append(Entry([path], x, None, in_module, in_opt, None, linen, opt_field))

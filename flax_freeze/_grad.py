@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen, nnx
-from flax.nnx import graphlib
 
 from ._boxes import is_frozen_marker
+from ._compat import is_graph_node, jax_to_nnx_path
 from ._filters import (
     Path,
     Predicate,
@@ -37,7 +37,7 @@ def _is_stop(x: Any) -> bool:
     Frozen markers are Linen frozen boxes and other libraries' frozen wrappers
     (``paramax.NonTrainable``): nothing inside them is differentiated.
     """
-    return isinstance(x, nnx.Variable) or graphlib.is_graph_node(x) or is_frozen_marker(x)
+    return isinstance(x, nnx.Variable) or is_graph_node(x) or is_frozen_marker(x)
 
 
 def _wrap_leaves(tree: Any, pred: Predicate) -> Any:
@@ -46,7 +46,7 @@ def _wrap_leaves(tree: Any, pred: Predicate) -> Any:
     def wrap(key_path: Any, x: Any) -> Any:
         if _is_stop(x) or not is_raw_trainable(x):
             return x
-        if not selects_leaf(pred, graphlib.jax_to_nnx_path(key_path), x):
+        if not selects_leaf(pred, jax_to_nnx_path(key_path), x):
             return x
         return _Leaf(jnp.asarray(x))
 
@@ -75,13 +75,13 @@ def _mirror(tree: Any, state: nnx.State) -> Any:
     """
 
     def entry(key_path: Any, x: Any) -> Any:
-        path = graphlib.jax_to_nnx_path(key_path)
+        path = jax_to_nnx_path(key_path)
         if isinstance(x, nnx.Variable):
             found = _substate(state, path)
             if not isinstance(found, nnx.Variable):
                 return None
             return found.get_raw_value() if isinstance(x, _Leaf) else found
-        if graphlib.is_graph_node(x):
+        if is_graph_node(x):
             return _substate(state, path)
         return None
 
@@ -96,7 +96,7 @@ def _check_argnums(argnums: Any) -> tuple[int, ...]:
         or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in nums)
     ):
         hint = ""
-        if graphlib.is_graph_node(argnums) or isinstance(argnums, jax.Array | dict):
+        if is_graph_node(argnums) or isinstance(argnums, jax.Array | dict):
             hint = " The arguments go to the returned function: ff.grad(loss_fn)(model, x)."
         raise TypeError(
             "`argnums` must be a non-negative int or a non-empty tuple of them, got "
@@ -250,7 +250,7 @@ def grad_general(
                     "parameters: differentiate its params dict instead, e.g. "
                     "ff.grad(loss)(variables['params']) or ffl.grad(loss)(variables)."
                 )
-        pytree_positions = [i for i in nums if not graphlib.is_graph_node(args[i])]
+        pytree_positions = [i for i in nums if not is_graph_node(args[i])]
         originals = args
         # Bare trainable leaves of pytree arguments are wrapped as parameters for the split.
         args = tuple(
@@ -515,17 +515,17 @@ def trainable_tree(tree: Any, *, wrt: Any = Trainable) -> Any:
         >>> state = optax.adam(0.1).init(ff.trainable_tree(tree))
     """
     pred = to_predicate(wrt, "wrt")
-    if graphlib.is_graph_node(tree):
+    if is_graph_node(tree):
         return nnx.state(tree, wrt, graph=True)
     wrapped = _wrap_leaves(tree, pred)
 
     def entry(key_path: Any, x: Any) -> Any:
-        path = graphlib.jax_to_nnx_path(key_path)
+        path = jax_to_nnx_path(key_path)
         if isinstance(x, _Leaf):
             return x.get_raw_value()
         if isinstance(x, nnx.Variable):
             return x if pred(path, x) else None
-        if graphlib.is_graph_node(x):
+        if is_graph_node(x):
             return nnx.state(x, wrt, graph=True)
         return None
 

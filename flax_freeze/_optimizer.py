@@ -10,10 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from flax.nnx import graphlib
-from flax.nnx.training.optimizer import to_opt_state
 from jax.core import Tracer
 
+from ._compat import in_update_context, is_node, jax_to_nnx_path, to_opt_state
 from ._filters import Path, path_str
 from ._variables import FrozenParam, Trainable
 
@@ -227,7 +226,7 @@ def migrate_opt_state(
 def _tracing_without_graph_updates(params: nnx.State) -> bool:
     """Whether new optimizer state made here would be lost: a trace with no NNX graph updates."""
     tracing = any(isinstance(x, Tracer) for x in jax.tree.leaves(params))
-    return tracing and not graphlib.GRAPH_CONTEXT.update_context_stacks
+    return tracing and not in_update_context()
 
 
 class Optimizer(nnx.Optimizer[M]):
@@ -301,7 +300,7 @@ class Optimizer(nnx.Optimizer[M]):
 
     def __init__(self, model: M, tx: Transform, *, wrt: Any = Trainable) -> None:
         """Builds optimizer state for the parameters ``wrt`` selects in ``model``."""
-        if model is None or not graphlib.is_node(model) or isinstance(model, Transform):
+        if model is None or not is_node(model) or isinstance(model, Transform):
             raise TypeError(
                 f"`model` must be an NNX module (or a list/dict of them), got {_short(model)}. "
                 "Pass the model first and the optax transformation second: "
@@ -427,7 +426,7 @@ def apply_updates(tree: Any, updates: Any) -> Any:
             update = update.get_raw_value()
         if update is None:
             return param
-        where = path_str(graphlib.jax_to_nnx_path(key_path)) or "the root"
+        where = path_str(jax_to_nnx_path(key_path)) or "the root"
         if isinstance(param, FrozenParam):
             raise ValueError(
                 f"`updates` has a value at {where!r}, which is frozen (ff.FrozenParam): frozen "

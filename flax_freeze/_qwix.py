@@ -24,8 +24,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from flax import nnx
-from flax.nnx import graphlib
 
+from ._compat import get_node_impl
 from ._filters import Path, listing, path_str, short_repr
 from ._variables import PARAM_TYPE_KEY, FrozenParam
 
@@ -55,7 +55,7 @@ def _child(x: Any, key: Any) -> Any:
             pass
     elif isinstance(x, nnx.Pytree) and isinstance(key, str):
         return getattr(x, key, None)
-    impl = graphlib.get_node_impl(x)  # any other pytree: NNX's own view of its children
+    impl = get_node_impl(x)  # any other pytree: NNX's own view of its children
     return None if impl is None else impl.node_dict(x).get(key)
 
 

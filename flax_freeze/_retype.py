@@ -11,9 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen, nnx
-from flax.nnx import graphlib
 
+from . import _version
 from ._boxes import is_frozen_box, is_frozen_marker
+from ._bridge import check_bridge_retype, sync_bridge_class
+from ._compat import PytreeNodeImpl, get_node_impl
 from ._filters import (
     Path,
     Predicate,
@@ -25,7 +27,6 @@ from ._filters import (
     short_repr,
     to_predicate,
 )
-from ._nnx_compat import check_bridge_retype, sync_bridge_class
 from ._qwix import check_qwix
 from ._variables import (
     PARAM_TYPE_KEY,
@@ -88,7 +89,7 @@ def collect(
             if boxes is not None:
                 boxes[path] = x
             return
-        impl = graphlib.get_node_impl(x)
+        impl = get_node_impl(x)
         if impl is None:
             if not in_module and is_raw_trainable(x):
                 raw[path] = x
@@ -131,6 +132,8 @@ def replace(
     """
     if any(isinstance(v, FrozenParam) for v in new_variables.values()):
         check_bridge_retype(node, lambda v: isinstance(new_variables.get(id(v)), FrozenParam))
+    if new_variables or new_leaves:
+        _version.bump()
     seen: set[int] = set()
 
     def visit(x: Any, path: Path, in_module: bool) -> Any:
@@ -138,7 +141,7 @@ def replace(
             return new_variables.get(id(x), x)
         if path in new_leaves:
             return new_leaves[path]
-        impl = graphlib.get_node_impl(x)
+        impl = get_node_impl(x)
         if impl is None:
             return x
         if isinstance(x, nnx.Pytree):
@@ -160,7 +163,7 @@ def replace(
         ]
         if not changed:
             return x
-        if in_module and isinstance(impl, graphlib.PytreeNodeImpl) and impl.set_key is not None:
+        if in_module and isinstance(impl, PytreeNodeImpl) and impl.set_key is not None:
             for key, new in changed:
                 impl.set_key(x, key, new)
             return x

@@ -10,10 +10,10 @@ import jax
 import numpy as np
 from flax import nnx
 from flax.core import meta
-from flax.nnx import graphlib
 from flax.training import train_state
 
 from ._boxes import PARAMS, is_foreign_frozen, is_frozen_box, is_variables_dict
+from ._compat import get_node_impl, jax_to_nnx_path
 from ._filters import Path, path_str
 from ._retype import check_node, collect, is_raw_trainable
 from ._variables import FrozenParam, is_param
@@ -300,7 +300,7 @@ def _foreign_markers(node: Any) -> dict[Path, Any]:
             return
         if isinstance(x, nnx.Variable | nnx.Pytree) or is_frozen_box(x):
             return
-        impl = graphlib.get_node_impl(x)
+        impl = get_node_impl(x)
         if impl is None or id(x) in ancestors:
             return
         ancestors.add(id(x))
@@ -320,7 +320,7 @@ def _marker_rows(path: Path, marker: Any) -> list[Row]:
     )
     rows = []
     for key_path, x in leaves:
-        where = path_str((*path, *graphlib.jax_to_nnx_path(key_path)))
+        where = path_str((*path, *jax_to_nnx_path(key_path)))
         if isinstance(x, nnx.Variable):
             rows.append(_row(where, x, status="frozen"))
         elif is_raw_trainable(x):

@@ -15,11 +15,11 @@ import jax
 import numpy as np
 from flax import linen, nnx
 from flax.errors import TraceContextError
-from flax.nnx import graphlib
 from jax.core import Tracer
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from . import _version
+from ._compat import BOOKKEEPING, flatten, raw_slot
 from ._filters import Path, listing, path_str, short_repr
 from ._grad import _describe, value_and_grad
 from ._optimizer import Optimizer
@@ -29,35 +29,6 @@ _chain = itertools.chain.from_iterable
 _refcount = sys.getrefcount
 #: Runs an iterator to its end, keeping nothing.
 _consume = collections.deque(maxlen=0).extend
-
-
-@functools.cache
-def _slot() -> tuple[Callable[[Any], Any], Callable[[Any, Any], Any]]:
-    """How a step reads and writes variables' arrays: ``(get(variable), set(variable, array))``.
-
-    ``Variable.set_raw_value`` checks the JAX trace twice per call (about 7 µs
-    on a 2-core CPU: a millisecond for a transformer and its optimizer), and
-    ``get_raw_value`` is a Python call per variable. A step runs eagerly and
-    checks once per call that no trace is active (its outputs are not
-    tracers), so it reads and writes the ``_raw_value`` slot where Flax keeps
-    the value, and which Flax itself writes with ``object.__setattr__``. The
-    slot is used only if a probe shows that it round-trips with the public
-    ``get_raw_value``/``set_raw_value``; otherwise the public methods are.
-    """
-    get = operator.attrgetter("_raw_value")
-    put = getattr(getattr(nnx.Variable, "_raw_value", None), "__set__", None)
-    if put is not None:
-        probe, value, other = nnx.Variable(np.zeros(1)), np.ones(1), np.ones(2)
-        try:
-            put(probe, value)
-            works = probe.get_raw_value() is value and get(probe) is value
-            probe.set_raw_value(other)
-            works = works and get(probe) is other
-        except (AttributeError, TypeError):
-            works = False
-        if works:
-            return get, put
-    return nnx.Variable.get_raw_value, nnx.Variable.set_raw_value
 
 
 @functools.cache
@@ -71,7 +42,7 @@ def _unshared_refcount() -> int:
     donating it would delete it there: such an array is copied first.
     """
     probe = nnx.Variable(np.zeros(1))
-    values = list(map(_slot()[0], [probe]))
+    values = list(map(raw_slot()[0], [probe]))
     return max(map(sys.getrefcount, values))
 
 
@@ -186,7 +157,7 @@ def _make_step(
         grad_fn = value_and_grad(objective, wrt=wrt, has_aux=True)
         (loss, aux), grads = grad_fn(model, *batch, **kwargs, **dict(static))
         optimizer.update(model, grads)
-        _, out = graphlib.flatten((model, optimizer), graph=True, with_paths=False)
+        _, out = flatten((model, optimizer), graph=True, with_paths=False)
         written = [path_str(paths[i]) for i in fixed_idx if out[i] is not leaves[i]]
         if written:
             raise ValueError(
@@ -205,16 +176,12 @@ def _make_step(
 _END = object()
 _ENDLESS = itertools.repeat(_END)
 
-#: Flax's bookkeeping in every NNX object, which ``nnx.jit`` replaces when it
-#: writes back into a module; it says nothing about the module's structure.
-_BOOKKEEPING = "_pytree__state"
-
 
 def _keyed(container: Any) -> dict[Any, Any]:
     """What a watched container holds, by key, without Flax's bookkeeping."""
     if isinstance(container, list):
         return dict(enumerate(container))
-    return {k: v for k, v in container.items() if k != _BOOKKEEPING}
+    return {k: v for k, v in container.items() if k != BOOKKEEPING}
 
 
 def _watched(node: tuple[Any, Any]) -> tuple[list[Any], list[Any]]:
@@ -462,13 +429,12 @@ class TrainStep:
         >>> import jax.numpy as jnp, optax
         >>> from flax import nnx
         >>> import flax_freeze as ff
-        >>> from flax_freeze._train_step import TrainStep
         >>> model = nnx.Sequential(nnx.Linear(2, 4, rngs=nnx.Rngs(0)),
         ...                        nnx.Linear(4, 1, rngs=nnx.Rngs(1)))
         >>> opt = ff.Optimizer(model, optax.sgd(0.1))
         >>> def loss_fn(model, x, y):
         ...     return ((model(x) - y) ** 2).mean()
-        >>> step = TrainStep(model, opt, loss_fn)
+        >>> step = ff.TrainStep(model, opt, loss_fn)
         >>> x, y = jnp.ones((8, 2)), jnp.zeros((8, 1))
         >>> _ = ff.freeze(model, ff.PathRegex("layers/0/.*"))
         >>> kernel = jnp.copy(model.layers[0].kernel[...])
@@ -522,7 +488,7 @@ class TrainStep:
         seen = _version.current()
         _check_eager(optimizer.step)
         optimizer.migrate(model)
-        graphdef, flat = graphlib.flatten((model, optimizer), graph=True)
+        graphdef, flat = flatten((model, optimizer), graph=True)
         paths, leaves = list(flat.paths), list(flat.leaves)
         donated_idx: list[int] = []
         frozen_idx: list[int] = []
@@ -533,7 +499,7 @@ class TrainStep:
                 continue
             _check_variable(path, leaf)
             (frozen_idx if isinstance(leaf, FrozenParam) else donated_idx).append(i)
-        get, put = _slot()
+        get, put = raw_slot()
         constraints = tuple(_constraint(leaves[i].get_raw_value()) for i in donated_idx)
         for i, sharding in zip(donated_idx, constraints, strict=True):
             value = leaves[i].get_raw_value()
@@ -669,9 +635,8 @@ class TrainStep:
             >>> import jax.numpy as jnp, optax
             >>> from flax import nnx
             >>> import flax_freeze as ff
-            >>> from flax_freeze._train_step import TrainStep
-            >>> model = ff.freeze(nnx.Linear(3, 1, rngs=nnx.Rngs(0)), ff.PathRegex("kernel"))
-            >>> step = TrainStep(model, ff.Optimizer(model, optax.sgd(0.1)),
+                >>> model = ff.freeze(nnx.Linear(3, 1, rngs=nnx.Rngs(0)), ff.PathRegex("kernel"))
+            >>> step = ff.TrainStep(model, ff.Optimizer(model, optax.sgd(0.1)),
             ...                  lambda m, x: m(x).sum())
             >>> memory = step.lower(jnp.ones((4, 3))).compile().memory_analysis()
             >>> memory.alias_size_in_bytes  # bias and the step count, updated in place

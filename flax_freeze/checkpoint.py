@@ -81,9 +81,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
-from flax.nnx import graphlib
-from flax.nnx.spmd import get_var_pspec
-from flax.nnx.training.optimizer import OptArray, OptVariable
 from flax.training import train_state
 from jax.experimental import multihost_utils
 
@@ -110,6 +107,7 @@ from ._ckpt_walk import (
     status,
     walk,
 )
+from ._compat import OptArray, OptVariable, get_var_pspec, jax_to_nnx_path
 from ._filters import Path, path_str
 from ._grad import trainable_tree
 from ._optimizer import Optimizer, migrate_opt_state
@@ -980,14 +978,14 @@ def _rebuild_opt_state(
         )
     state = jax.eval_shape(opt.tx.init, nnx.from_flat_state(params))
     old = {
-        key_of(graphlib.jax_to_nnx_path(kp)): leaf
+        key_of(jax_to_nnx_path(kp)): leaf
         for kp, leaf in jax.tree_util.tree_flatten_with_path(nnx.as_pure(opt.opt_state))[0]
     }
 
     def convert(key_path: Any, x: Any) -> Any:
         value = x.get_raw_value() if isinstance(x, nnx.Variable) else x
         shape = tuple(value.shape)
-        key = key_of(graphlib.jax_to_nnx_path(key_path))
+        key = key_of(jax_to_nnx_path(key_path))
         sharding = _state_sharding(key, shape, placed, old)
         abstract = jax.ShapeDtypeStruct(shape, value.dtype, sharding=sharding)
         if isinstance(x, nnx.Variable):  # as flax's to_opt_state does, without re-sharding

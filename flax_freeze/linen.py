@@ -34,10 +34,12 @@ import jax
 import numpy as np
 from flax import linen, nnx
 from flax.core import meta
-from flax.nnx import filterlib, graphlib
+from flax.nnx import filterlib
 from flax.training import train_state
 
 from ._boxes import PARAMS, FrozenBox, frozen, is_frozen_box, is_variables_dict, strip_frozen
+from ._bridge import bridge_variables, from_frozen_box, make_aware
+from ._compat import is_graph_node, jax_to_nnx_path
 from ._filters import (
     PathRegex,
     check_arity,
@@ -48,7 +50,6 @@ from ._filters import (
     short_repr,
 )
 from ._grad import grad_general, trainable_tree
-from ._nnx_compat import bridge_variables, from_frozen_box, make_aware
 from ._optimizer import apply_updates, migrate_opt_state
 from ._retype import freeze as _ff_freeze
 from ._retype import is_raw_trainable
@@ -111,7 +112,7 @@ def _check_tree(func: str, tree: Any) -> None:
         hint = (
             f"For a TrainState call state.{func}(filter), which also migrates the optimizer state."
         )
-    elif graphlib.is_graph_node(tree) or isinstance(tree, nnx.Variable):
+    elif is_graph_node(tree) or isinstance(tree, nnx.Variable):
         hint = f"For NNX modules use ff.{func}(model, filter)."
     elif isinstance(tree, linen.Module):
         hint = "A Linen module holds no parameters: pass module.init(key, x)['params']."
@@ -146,8 +147,8 @@ def _rebox(
 
     def visit(key_path: Any, x: Any) -> Any:
         nonlocal matched
-        path = nnx.graphlib.jax_to_nnx_path(key_path)
-        if isinstance(x, nnx.Variable) or graphlib.is_graph_node(x):
+        path = jax_to_nnx_path(key_path)
+        if isinstance(x, nnx.Variable) or is_graph_node(x):
             raise TypeError(
                 f"`tree` passed to ffl.{func}() holds an NNX {type(x).__name__} at "
                 f"{path_str(path) or '(root)'}: ffl.{func} works on Linen params dicts. "
@@ -166,9 +167,7 @@ def _rebox(
     out = jax.tree_util.tree_map_with_path(
         visit,
         tree,
-        is_leaf=lambda x: (
-            isinstance(x, meta.AxisMetadata | nnx.Variable) or graphlib.is_graph_node(x)
-        ),
+        is_leaf=lambda x: isinstance(x, meta.AxisMetadata | nnx.Variable) or is_graph_node(x),
     )
     if not matched and not missing_ok:
         raise matched_nothing(f"ffl.{func}", filter, tree, sorted(paths, key=path_str))
@@ -350,7 +349,7 @@ def _check_tx(tx: Any) -> None:
 
 
 def _check_params(params: Any) -> None:
-    if graphlib.is_graph_node(params) or isinstance(params, nnx.Variable):
+    if is_graph_node(params) or isinstance(params, nnx.Variable):
         raise TypeError(
             f"`params` is an NNX {type(params).__name__}; ffl.TrainState holds Linen "
             "params dicts. For NNX models use ff.Optimizer(model, tx)."
@@ -374,7 +373,7 @@ def _flat(tree: Any) -> dict[str, Any]:
     leaves, _ = jax.tree_util.tree_flatten_with_path(
         tree, is_leaf=lambda x: x is None or isinstance(x, meta.AxisMetadata)
     )
-    return {path_str(graphlib.jax_to_nnx_path(kp)): v for kp, v in leaves}
+    return {path_str(jax_to_nnx_path(kp)): v for kp, v in leaves}
 
 
 _MISSING = object()
@@ -409,7 +408,7 @@ def _shape_changes(grads: Any, expected: Any) -> list[str]:
 
 def _grads_error(params: Any, grads: Any, expected: Any) -> Exception | None:
     """What is wrong with ``grads`` for ``params`` (``expected``: their trainable tree)."""
-    if grads is None or isinstance(grads, nnx.State) or graphlib.is_graph_node(grads):
+    if grads is None or isinstance(grads, nnx.State) or is_graph_node(grads):
         return TypeError(
             f"`grads` must mirror the Linen params dict, got {short_repr(grads)}. Compute "
             "them with ff.grad(loss)(state.params) (or ffl.grad on a variables dict)."
@@ -660,7 +659,7 @@ def to_nnx(node: Any) -> Any:
         (1, 2)
     """
     if isinstance(node, linen.Module) or not any(
-        graphlib.is_graph_node(x) for _, x in nnx.iter_graph(node, graph=True)
+        is_graph_node(x) for _, x in nnx.iter_graph(node, graph=True)
     ):
         raise TypeError(
             f"`node` must be an NNX module holding nnx.bridge.ToNNX wrappers, got "

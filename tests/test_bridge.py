@@ -12,7 +12,7 @@ from flax import nnx
 
 import flax_freeze as ff
 from flax_freeze import linen as ffl
-from flax_freeze._nnx_compat import FrozenParamsToNNX
+from flax_freeze._bridge import FrozenParamsToNNX
 
 X = jnp.linspace(-1.0, 1.0, 6).reshape(2, 3)
 Y = jnp.array([[0.5, -0.5], [1.0, 0.0]])

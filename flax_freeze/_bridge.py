@@ -1,4 +1,4 @@
-"""The one place that reaches into Flax (and JAX) internals: ``ToNNX`` with frozen parameters.
+"""``nnx.bridge.ToNNX`` modules holding frozen parameters.
 
 ``nnx.bridge.ToNNX`` hands each variable to its Linen module in the Linen
 collection of its type, and ``ff.FrozenParam``'s is ``frozen_params``, while
@@ -12,7 +12,7 @@ the Linen variables from the instance ``__dict__`` (attributes not starting
 with ``to_nnx__``/``_pytree__``: variables, or plain dicts of them), and
 writes the updates of mutable collections back with ``setattr``; NNX
 modules have the instance layout of ``ToNNX`` in every subclass that adds
-no slots; ``jax._src.core.trace_state_clean`` says whether JAX is tracing.
+no slots.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from flax import nnx
-from flax.nnx.bridge import wrappers
-from jax._src import core as jax_core
 
 from ._boxes import FrozenBox
+from ._compat import in_transformation
 from ._filters import path_str
 from ._variables import PARAM_TYPE_KEY, TRAINED_DTYPE_KEY, FrozenParam
 
@@ -87,7 +86,7 @@ def _set(module: Any, path: Path, value: Any) -> None:
     container[path[-1]] = value
 
 
-class FrozenParamsToNNX(wrappers.ToNNX):
+class FrozenParamsToNNX(nnx.bridge.ToNNX):
     """``nnx.bridge.ToNNX`` that hands its frozen parameters to Linen in ``params``.
 
     For a call, the Linen module gets every :class:`FrozenParam` in ``params``
@@ -104,7 +103,7 @@ class FrozenParamsToNNX(wrappers.ToNNX):
     """
 
     __slots__ = ()
-    _ff_plain: type = wrappers.ToNNX  # the class this one adds frozen parameters to
+    _ff_plain: type = nnx.bridge.ToNNX  # the class this one adds frozen parameters to
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Calls the Linen module with the frozen parameters shown in ``params``."""
@@ -167,7 +166,7 @@ def _restore(x: Any, path: Path, views: dict[Path, tuple[FrozenParam, nnx.Variab
     return x
 
 
-_AWARE: dict[type, type] = {wrappers.ToNNX: FrozenParamsToNNX}
+_AWARE: dict[type, type] = {nnx.bridge.ToNNX: FrozenParamsToNNX}
 
 
 def _aware_class(plain: type) -> type:
@@ -191,11 +190,6 @@ def _aware_class(plain: type) -> type:
 
 def _is_aware(cls: type) -> bool:
     return _AWARE.get(cls.__dict__.get("_ff_plain", _MISSING)) is cls  # type: ignore[arg-type]
-
-
-def in_transformation() -> bool:
-    """Whether JAX is tracing (``jit``, ``grad``, ``vmap``, ``eval_shape``...) right now."""
-    return not jax_core.trace_state_clean()
 
 
 def _swap_refused(path: Path) -> ValueError:
@@ -239,7 +233,7 @@ def sync_bridge_class(module: Any) -> None:
     plain one). A wrapper without parameters (not yet initialised, e.g. after
     ``ffl.to_nnx``) keeps its class.
     """
-    if not isinstance(module, wrappers.ToNNX):
+    if not isinstance(module, nnx.bridge.ToNNX):
         return
     variables = [v for _, v in bridge_variables(module)]
     if any(isinstance(v, FrozenParam) for v in variables):
@@ -269,7 +263,7 @@ def check_bridge_retype(node: Any, becomes_frozen: Callable[[nnx.Variable], bool
     if not in_transformation():
         return
     for path, x in nnx.iter_graph(node, graph=True):
-        if not isinstance(x, wrappers.ToNNX) or _is_aware(type(x)):
+        if not isinstance(x, nnx.bridge.ToNNX) or _is_aware(type(x)):
             continue
         if any(becomes_frozen(v) for _, v in bridge_variables(x)):
             raise _swap_refused(path)
