@@ -1,11 +1,13 @@
 """One jitted training step (loss, gradients, optax update) written each way compared.
 
 Every variant builds its model from the same seed, so all start from the same
-parameters, and runs on the same batch. All JAX variants but one are a
+parameters, and runs on the same batch. ``flax_freeze`` is ``ff.TrainStep``,
+the step the README shows: one ``jax.jit`` over the model's and optimizer's
+arrays, frozen arrays passed undonated. The other JAX variants but one are a
 ``jax.jit`` of a pure function over flat lists of arrays, which are donated:
 they pay the same small host cost per call, and the table compares what they
-compute. ``flax_freeze nnx.jit`` is the README's ``@nnx.jit`` step, kept to show
-what graph-mode dispatch costs per call.
+compute. ``flax_freeze nnx.jit`` is the same step under ``@nnx.jit``, the simple
+alternative, kept to show what graph-mode dispatch costs per call.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from _models import Setting, Spec, gp_nll
-from fast_step import TrainStep
 from flax import nnx
 
 import flax_freeze as ff
@@ -45,8 +46,8 @@ DESCRIPTIONS: dict[str, str] = {
     SPLIT: "hand-written split (the ideal): `jax.value_and_grad` of the trainable arrays "
     "only, frozen arrays a separate argument, Adam on the trainable arrays",
     SPLIT_CLIP: "the same with `optax.clip_by_global_norm(1.0)` before Adam",
-    FLAX_FREEZE: "`ff.freeze` + `ff.value_and_grad` + `ff.Optimizer`, run as a `jax.jit` of a "
-    "pure function over the flat `nnx.split` state (`fast_step.TrainStep`)",
+    FLAX_FREEZE: "`ff.freeze` + `ff.Optimizer`, run by `ff.TrainStep` (`loss = step(x, y)`): "
+    "one `jax.jit` over the model's arrays, frozen ones passed undonated, model kept current",
     FLAX_FREEZE_CLIP: "the same with `optax.clip_by_global_norm(1.0)` before Adam",
     MULTI: "full gradient, `optax.multi_transform` (which `optax.transforms.selective_transform` "
     "is) with Adam for trainable and `set_to_zero` for frozen leaves",
@@ -55,7 +56,8 @@ DESCRIPTIONS: dict[str, str] = {
     NNX: "plain Flax: `nnx.value_and_grad(argnums=nnx.DiffState(0, trainable))` + "
     "`nnx.Optimizer(wrt=trainable)`, run the same way as flax_freeze",
     STOP: "`lax.stop_gradient` on frozen leaves, Adam over every leaf",
-    NNX_JIT: "the flax_freeze step under `@nnx.jit` in graph mode (the README's short form)",
+    NNX_JIT: "`ff.value_and_grad` + `ff.Optimizer.update` in a step under `@nnx.jit` "
+    "(graph mode): the simple alternative to `ff.TrainStep`",
     PYTREE: "the GP as a dataclass pytree with `ff.FrozenParam` leaves: `ff.value_and_grad`, "
     "`tx.init(ff.trainable_tree(gp))`, `ff.apply_updates` (as in examples/gp_kernels.py)",
     TORCH: "PyTorch: `requires_grad_(False)` on frozen parameters, `torch.optim.Adam` over the "
@@ -258,15 +260,16 @@ def _opt_state_of(state: nnx.State) -> Any:
 
 
 def flax_freeze_variant(spec: Spec, setting: Setting, *, clip: bool = False) -> Variant:
-    """flax_freeze as its docs show the fast step: :class:`fast_step.TrainStep`."""
+    """flax_freeze as the README shows it: ``ff.TrainStep``, the model kept current."""
     model = flax_freeze_model(spec, setting)
-    step = TrainStep(model, ff.Optimizer(model, adam(clip=clip)), spec.loss_fn)
+    optimizer = ff.Optimizer(model, adam(clip=clip))
+    step = ff.TrainStep(model, optimizer, spec.loss_fn)
     return Variant(
         name=FLAX_FREEZE_CLIP if clip else FLAX_FREEZE,
         run=step,
-        params=lambda: state_arrays(step.state()[0]),
-        opt_state=lambda: _opt_state_of(step.state()),
-        lower=lambda x, y: step.step.lower(step.arrays, x, y),
+        params=lambda: state_arrays(model),
+        opt_state=lambda: nnx.as_pure(optimizer.opt_state),
+        lower=step.lower,
     )
 
 
@@ -298,7 +301,7 @@ def nnx_variant(spec: Spec, setting: Setting) -> Variant:
 
 
 def nnx_jit_variant(spec: Spec, setting: Setting) -> Variant:
-    """The README's ``@nnx.jit`` step: module and optimizer passed as graph nodes."""
+    """The simple alternative to ``ff.TrainStep``: module and optimizer passed to ``@nnx.jit``."""
     model = flax_freeze_model(spec, setting)
     optimizer = ff.Optimizer(model, adam())
     loss_fn = spec.loss_fn

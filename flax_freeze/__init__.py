@@ -12,7 +12,9 @@ from ._optimizer import migrate_opt_state as migrate_opt_state
 from ._retype import freeze as freeze
 from ._retype import freezing as freezing
 from ._retype import unfreeze as unfreeze
+from ._summary import Row as Row
 from ._summary import Summary as Summary
+from ._summary import Totals as Totals
 from ._summary import summary as summary
 from ._train_step import TrainStep as TrainStep
 from ._variables import AnyParam as AnyParam
@@ -27,7 +29,9 @@ __all__ = [
     "FrozenParam",
     "Optimizer",
     "PathRegex",
+    "Row",
     "Summary",
+    "Totals",
     "TrainStep",
     "Trainable",
     "apply_updates",

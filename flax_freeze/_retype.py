@@ -13,9 +13,9 @@ import numpy as np
 from flax import linen, nnx
 
 from . import _version
-from ._boxes import is_frozen_box, is_frozen_marker
+from ._boxes import is_frozen_box
 from ._bridge import check_bridge_retype, sync_bridge_class
-from ._compat import PytreeNodeImpl, get_node_impl
+from ._compat import PytreeNodeImpl, get_node_impl, jax_to_nnx_path
 from ._filters import (
     Path,
     Predicate,
@@ -38,17 +38,10 @@ from ._variables import (
     param_types,
     unregistered_hint,
 )
+from ._walk import is_raw_trainable as is_raw_trainable
+from ._walk import walk
 
 N = TypeVar("N")
-
-
-def is_raw_trainable(x: Any) -> bool:
-    """Whether a bare pytree leaf is trainable: an inexact array or a Python float."""
-    if isinstance(x, float):
-        return True
-    if isinstance(x, jax.Array | np.ndarray | np.generic):
-        return bool(jnp.issubdtype(x.dtype, jnp.inexact))
-    return False
 
 
 def selects_leaf(pred: Predicate, path: Path, x: Any) -> bool:
@@ -68,41 +61,31 @@ class _Site:
 def collect(
     node: Any, boxes: dict[Path, Any] | None = None
 ) -> tuple[dict[int, _Site], dict[Path, Any]]:
-    """Walks ``node`` the way NNX does and returns its variables and bare trainable leaves.
+    """The variables and bare trainable leaves of ``node``, as :func:`walk` finds them.
 
     Variables are keyed by identity and carry *every* path they are reachable by
     (a tied variable has several). Bare leaves are only collected outside NNX
-    modules (inside a module only variables are state), keyed by path. Frozen
-    markers (Linen frozen boxes, ``paramax.NonTrainable``) are not looked into;
-    they are put in ``boxes`` when given.
+    modules (inside a module only variables are state), keyed by the path of the
+    leaf (inside a box that is not frozen, such as ``nn.Partitioned``, the path
+    goes on into the box). Frozen markers (Linen frozen boxes,
+    ``paramax.NonTrainable``) are not looked into; they are put in ``boxes``
+    when given.
     """
     sites: dict[int, _Site] = {}
     raw: dict[Path, Any] = {}
-
-    def visit(x: Any, path: Path, ancestors: set[int], in_module: bool) -> None:
-        if isinstance(x, nnx.Variable):
-            site = sites.setdefault(id(x), _Site(x))
-            site.paths.append(path)
-            site.in_module = site.in_module or in_module
-            return
-        if is_frozen_marker(x):
+    for entry in walk(node, empty=True).entries:
+        if entry.marker is not None or (entry.box is not None and is_frozen_box(entry.box)):
             if boxes is not None:
-                boxes[path] = x
-            return
-        impl = get_node_impl(x)
-        if impl is None:
-            if not in_module and is_raw_trainable(x):
-                raw[path] = x
-            return
-        if id(x) in ancestors:  # a cycle through a parent reference
-            return
-        ancestors.add(id(x))
-        child_in_module = in_module or isinstance(x, nnx.Pytree)
-        for key, child in impl.node_dict(x).items():
-            visit(child, (*path, key), ancestors, child_in_module)
-        ancestors.discard(id(x))
-
-    visit(node, (), set(), False)
+                path, marker = entry.marker or (entry.paths[0], entry.box)
+                boxes.setdefault(path, marker)
+        elif entry.variable is not None:
+            sites[id(entry.variable)] = _Site(entry.variable, entry.paths, entry.in_module)
+        elif not entry.in_module and is_raw_trainable(entry.value):
+            path = entry.paths[0]
+            if entry.box is not None:  # the path on into the box, as NNX's walk goes
+                [(inner, _)] = jax.tree_util.tree_flatten_with_path(entry.box)[0]
+                path = (*path, *jax_to_nnx_path(inner))
+            raw[path] = entry.value
     return sites, raw
 
 

@@ -3,27 +3,38 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
-from flax.core import meta
-from flax.training import train_state
 
-from ._boxes import PARAMS, is_foreign_frozen, is_frozen_box, is_variables_dict
-from ._compat import get_node_impl, jax_to_nnx_path
-from ._filters import Path, path_str
-from ._retype import check_node, collect, is_raw_trainable
-from ._variables import FrozenParam, is_param
+from ._filters import path_str
+from ._retype import check_node
+from ._walk import Entry, status, type_name, walk
 
 STATUSES = ("trainable", "frozen", "state")
 
 
 @dataclass(frozen=True)
 class Row:
-    """One variable: where it is, what it is, and how big."""
+    """One value of state: where it is, what it is, whether it trains, and how big.
+
+    Attributes:
+        path: the ``'/'``-joined path.
+        type: the variable's type (``Param``, ``FrozenParam``, ``BatchStat``),
+            the Linen box's (``FrozenBox``, ``Partitioned``), another library's
+            frozen wrapper's (``NonTrainable``), or the bare value's (``Array``,
+            ``float``, ``int``).
+        shape: the array's shape (``()`` for a number).
+        dtype: its dtype name; for a value that is no array, its Python type.
+        status: ``trainable``, ``frozen`` or ``state`` (``unknown`` in a
+            checkpoint without flags).
+        count: number of elements.
+        bytes: bytes of the elements.
+    """
 
     path: str
     type: str
@@ -36,25 +47,63 @@ class Row:
 
 @dataclass
 class Totals:
-    """Element counts and bytes per status (trainable, frozen, other state)."""
+    """Element counts and bytes per status, for a summary or a checkpoint description.
+
+    Attributes:
+        count: elements per status: ``trainable``, ``frozen`` and ``state``
+            always, ``unknown`` when some rows have it (a checkpoint without flags).
+        bytes: bytes per status, likewise.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> import flax_freeze as ff
+        >>> totals = ff.summary({"w": jnp.ones(3), "b": ff.FrozenParam(jnp.ones(2))}).totals
+        >>> totals.count, totals.total_count, totals.total_bytes
+        ({'trainable': 3, 'frozen': 2, 'state': 0}, 5, 20)
+    """
 
     count: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATUSES, 0))
     bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATUSES, 0))
 
+    @classmethod
+    def of(cls, rows: Iterable[Row]) -> Totals:
+        """The totals of ``rows``."""
+        totals = cls()
+        for row in rows:
+            totals.add(row)
+        return totals
+
     def add(self, row: Row) -> None:
         """Adds one row's count and bytes to its status."""
-        self.count[row.status] += row.count
-        self.bytes[row.status] += row.bytes
+        self.count[row.status] = self.count.get(row.status, 0) + row.count
+        self.bytes[row.status] = self.bytes.get(row.status, 0) + row.bytes
 
+    @property
+    def total_count(self) -> int:
+        """Elements of every status."""
+        return sum(self.count.values())
 
-def _status(x: Any) -> str:
-    if is_param(x):
-        return "trainable"
-    if isinstance(x, FrozenParam):
-        return "frozen"
-    if isinstance(x, nnx.Variable):
-        return "state"
-    return "trainable"  # a bare inexact leaf of a pytree
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of every status."""
+        return sum(self.bytes.values())
+
+    def to_json(self) -> dict[str, dict[str, int]]:
+        """``{status: {"count", "bytes"}}`` for each status, and ``"total"``."""
+        out = {s: {"count": self.count[s], "bytes": self.bytes[s]} for s in self.count}
+        out["total"] = {"count": self.total_count, "bytes": self.total_bytes}
+        return out
+
+    def line(self) -> str:
+        """``trainable 18 (72 B), frozen 40 (160 B)``: each status that has elements.
+
+        Trainable and frozen are always shown.
+        """
+        return ", ".join(
+            f"{s} {self.count[s]:,} ({human_bytes(self.bytes[s])})"
+            for s in self.count
+            if self.count[s] or s in ("trainable", "frozen")
+        )
 
 
 def _array_like(value: Any) -> bool:
@@ -73,7 +122,7 @@ def _size(value: Any) -> tuple[tuple[int, ...], Any, int]:
     return shape, dtype, math.prod(shape)
 
 
-def _row(path: str, x: Any, type_name: str | None = None, status: str | None = None) -> Row:
+def _row(path: str, x: Any, type_name: str, status: str) -> Row:
     value = x.get_raw_value() if isinstance(x, nnx.Variable) else x
     if _array_like(value):
         shape, dtype, count = _size(value)
@@ -87,15 +136,7 @@ def _row(path: str, x: Any, type_name: str | None = None, status: str | None = N
                 _, leaf_dtype, leaf_count = _size(leaf)
                 count += leaf_count
                 nbytes += leaf_count * leaf_dtype.itemsize
-    return Row(
-        path,
-        type_name or type(x).__name__,
-        shape,
-        dtype_name,
-        status or _status(x),
-        count,
-        nbytes,
-    )
+    return Row(path, type_name, shape, dtype_name, status, count, nbytes)
 
 
 def table(rows: Any) -> list[str]:
@@ -135,10 +176,7 @@ class Summary:
     @property
     def totals(self) -> Totals:
         """Counts and bytes of the whole node, per status."""
-        totals = Totals()
-        for row in self.rows:
-            totals.add(row)
-        return totals
+        return Totals.of(self.rows)
 
     @property
     def trainable_count(self) -> int:
@@ -170,12 +208,7 @@ class Summary:
     def __str__(self) -> str:
         out = table(self.rows)
         for name, totals in [*self.by_module().items(), ("total", self.totals)]:
-            parts = [
-                f"{status} {totals.count[status]:,} ({human_bytes(totals.bytes[status])})"
-                for status in STATUSES
-                if totals.count[status] or status != "state"
-            ]
-            out.append(f"{name}: " + ", ".join(parts))
+            out.append(f"{name}: {totals.line()}")
         return "\n".join(out)
 
 
@@ -188,7 +221,15 @@ def human_bytes(n: float) -> str:
 
 
 def summary(node: Any) -> Summary:
-    """Tabulates every variable of ``node``: path, type, shape, dtype, trainable or frozen.
+    """Tabulates the state of ``node``: path, type, shape, dtype, trainable or frozen.
+
+    Each value of state is one row, as in a checkpoint of ``node``
+    (:func:`flax_freeze.checkpoint.describe` shows the same rows): every
+    variable (a tied one once, under its first path), and outside NNX modules
+    every array and number (a Python ``int`` such as a ``TrainState``'s step
+    is other state). A bare value's type is its own (``Array``, ``float``,
+    ``int``), a Linen parameter's that of its outermost box. The status is
+    decided in one place for summaries, checkpoints and re-typing.
 
     Args:
         node: an NNX module, any pytree holding modules, variables or arrays,
@@ -200,8 +241,8 @@ def summary(node: Any) -> Summary:
 
     Parameters of types declared with :func:`register_param_type` are
     trainable like ``nnx.Param``. Inside another library's frozen wrapper
-    (``paramax.NonTrainable``) every inexact leaf and every variable is
-    frozen; its rows show the wrapper's type name.
+    (``paramax.NonTrainable``) every parameter and inexact leaf is frozen and
+    every other value is state; its bare values show the wrapper's type name.
 
     A variable that holds no array (a string, ``None``) is listed with its
     Python type in the ``dtype`` column and a count of 0; one holding a
@@ -240,89 +281,12 @@ def summary(node: Any) -> Summary:
         node,
         "pass its variables dict instead, ff.summary(module.init(key, x)).",
     )
-    if is_variables_dict(node):
-        rows = []
-        for collection, tree in node.items():
-            status = {PARAMS: None, "frozen_params": "frozen"}.get(collection, "state")
-            rows += _rows(tree, (collection,), status, collection)
-    elif isinstance(node, train_state.TrainState):
-        # Only the params train; the step, optimizer state and extra fields are state.
-        rows = _rows(node.params, (PARAMS,), None, "Array")
-        for name, value in vars(node).items():
-            if name not in (PARAMS, "apply_fn", "tx"):
-                rows += _rows(value, (name,), "state", "Array")
-    else:
-        rows = _rows(node, (), None, "Array")
+    rows = [_entry_row(entry) for entry in walk(node, empty=True).entries]
     return Summary(tuple(sorted(rows, key=lambda r: r.path)))
 
 
-def _rows(node: Any, prefix: tuple[Any, ...], status: str | None, bare: str) -> list[Row]:
-    """Rows of one tree: variables, frozen markers and bare inexact leaves.
-
-    ``status`` overrides the status of bare leaves (a Linen collection other
-    than ``params``); ``bare`` is the type shown for them.
-    """
-    boxes: dict[Any, Any] = {}
-    sites, raw = collect(node, boxes)
-    markers = _foreign_markers(node)
-
-    def marked(path: Path) -> bool:
-        return any(path[: len(m)] == m for m in markers)
-
-    rows = [
-        _row(path_str((*prefix, *min(s.paths, key=path_str))), s.variable)
-        for s in sites.values()
-        if not all(marked(p) for p in s.paths)
-    ]
-    for path, box in boxes.items():
-        if not marked(path):
-            rows.append(
-                _row(path_str((*prefix, *path)), meta.unbox(box), type(box).__name__, "frozen")
-            )
-    for path, x in raw.items():
-        if not marked(path):
-            rows.append(_row(path_str((*prefix, *path)), x, bare, status or "trainable"))
-    for path, marker in markers.items():
-        rows += _marker_rows((*prefix, *path), marker)
-    return rows
-
-
-def _foreign_markers(node: Any) -> dict[Path, Any]:
-    """Other libraries' frozen wrappers (``paramax.NonTrainable``) outside NNX modules, by path.
-
-    Inside a module only variables are state, as in ``collect``.
-    """
-    found: dict[Path, Any] = {}
-
-    def visit(x: Any, path: Path, ancestors: set[int]) -> None:
-        if is_foreign_frozen(x):
-            found[path] = x
-            return
-        if isinstance(x, nnx.Variable | nnx.Pytree) or is_frozen_box(x):
-            return
-        impl = get_node_impl(x)
-        if impl is None or id(x) in ancestors:
-            return
-        ancestors.add(id(x))
-        for key, child in impl.node_dict(x).items():
-            visit(child, (*path, key), ancestors)
-        ancestors.discard(id(x))
-
-    visit(node, (), set())
-    return found
-
-
-def _marker_rows(path: Path, marker: Any) -> list[Row]:
-    """Frozen rows for what a foreign wrapper holds: its variables and inexact leaves."""
-    kind = type(marker).__name__
-    leaves = jax.tree_util.tree_leaves_with_path(
-        marker, is_leaf=lambda x: isinstance(x, nnx.Variable)
-    )
-    rows = []
-    for key_path, x in leaves:
-        where = path_str((*path, *jax_to_nnx_path(key_path)))
-        if isinstance(x, nnx.Variable):
-            rows.append(_row(where, x, status="frozen"))
-        elif is_raw_trainable(x):
-            rows.append(_row(where, x, kind, "frozen"))
-    return rows
+def _entry_row(entry: Entry) -> Row:
+    """The row of one entry of the walk: under its first path, with its status and type."""
+    value = entry.value if entry.variable is None else entry.variable
+    path = path_str(min(entry.paths, key=path_str))
+    return _row(path, value, type_name(entry), status(entry))

@@ -90,7 +90,24 @@ from ._ckpt_files import check_tree, is_local, protected, read_json, unexpected_
 from ._ckpt_flags import FORMAT as FORMAT
 from ._ckpt_flags import Flags, show
 from ._ckpt_lock import NEW, OLD, SaveLock, leftovers, new_dir, old_dir
-from ._ckpt_walk import (
+from ._compat import OptArray, OptVariable, get_var_pspec, jax_to_nnx_path
+from ._filters import Path, path_str
+from ._grad import trainable_tree
+from ._optimizer import Optimizer, migrate_opt_state
+from ._retype import freeze, replace, unfreeze
+from ._summary import Row as Row
+from ._summary import Totals as Totals
+from ._summary import human_bytes, table
+from ._variables import (
+    PARAM_TYPE_KEY,
+    TRAINED_DTYPE_KEY,
+    FrozenParam,
+    is_any_param,
+    is_param,
+    param_types,
+    unregistered_hint,
+)
+from ._walk import (
     Entry,
     Key,
     in_box,
@@ -107,22 +124,6 @@ from ._ckpt_walk import (
     status,
     walk,
 )
-from ._compat import OptArray, OptVariable, get_var_pspec, jax_to_nnx_path
-from ._filters import Path, path_str
-from ._grad import trainable_tree
-from ._optimizer import Optimizer, migrate_opt_state
-from ._retype import freeze, replace, unfreeze
-from ._summary import Row as Row
-from ._summary import human_bytes, table
-from ._variables import (
-    PARAM_TYPE_KEY,
-    TRAINED_DTYPE_KEY,
-    FrozenParam,
-    is_any_param,
-    is_param,
-    param_types,
-    unregistered_hint,
-)
 from .linen import TrainState
 
 __all__ = [
@@ -132,6 +133,7 @@ __all__ = [
     "PartialRestoreWarning",
     "RestoreArgs",
     "Row",
+    "Totals",
     "describe",
     "read_flags",
     "restore",
@@ -2078,15 +2080,10 @@ class Description:
     has_flags: bool
     rows: tuple[Row, ...]
 
-    def totals(self) -> dict[str, dict[str, int]]:
-        """Element counts and bytes per status, and in all (``"total"``)."""
-        totals: dict[str, dict[str, int]] = {}
-        for row in self.rows:
-            for name in (row.status, "total"):
-                entry = totals.setdefault(name, {"count": 0, "bytes": 0})
-                entry["count"] += row.count
-                entry["bytes"] += row.bytes
-        return totals
+    @property
+    def totals(self) -> Totals:
+        """Element counts and bytes per status, as ``ff.summary(node).totals`` gives them."""
+        return Totals.of(self.rows)
 
     def to_json(self) -> dict[str, Any]:
         """The description as JSON-ready data."""
@@ -2105,23 +2102,17 @@ class Description:
                 }
                 for r in self.rows
             ],
-            "totals": self.totals(),
+            "totals": self.totals.to_json(),
         }
 
     def __str__(self) -> str:
         """The table of rows, then the totals per status."""
         flags = "flax_freeze flags" if self.has_flags else "no flags (plain orbax checkpoint)"
-        out = [f"{self.directory}: {flags}", *table(self.rows)]
-        totals = self.totals()
-        parts = [
-            f"{status} {totals[status]['count']:,} ({human_bytes(totals[status]['bytes'])})"
-            for status in (*STATUSES, "unknown")
-            if status in totals
-        ]
-        total = totals.get("total", {"count": 0, "bytes": 0})
-        parts.append(f"total {total['count']:,} ({human_bytes(total['bytes'])})")
-        out.append(", ".join(parts))
-        return "\n".join(out)
+        totals = self.totals
+        total = f"total {totals.total_count:,} ({human_bytes(totals.total_bytes)})"
+        return "\n".join(
+            [f"{self.directory}: {flags}", *table(self.rows), f"{totals.line()}, {total}"]
+        )
 
 
 def describe(directory: str | epath.PathLike) -> Description:
@@ -2167,7 +2158,7 @@ def describe(directory: str | epath.PathLike) -> Description:
         if flags is None:
             type_name, status = "-", "unknown"
         else:
-            type_name = flags.types.get(name, "array").rpartition(".")[2]
+            type_name = flags.types.get(name, "Array").rpartition(".")[2]
             status = (
                 "frozen"
                 if name in flags.frozen

@@ -1,4 +1,6 @@
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -88,4 +90,81 @@ def test_summary_shows_rng_keys_as_state():
 
 def test_summary_counts_python_floats_in_float32():
     (row,) = ff.summary({"a": 0.5}).rows
-    assert row == Row("a", "Array", (), "float32", "trainable", 1, 4)
+    assert row == Row("a", "float", (), "float32", "trainable", 1, 4)
+
+
+# ----------------------------------------------------------- one walk, one vocabulary
+
+
+def test_train_state_lists_step_and_optimizer_count_as_state_like_a_checkpoint(tmp_path):
+    import flax.linen as nn
+    import optax
+
+    from flax_freeze import linen as ffl
+
+    model = nn.Dense(2)
+    params = model.init(jax.random.key(0), jnp.ones((1, 3)))["params"]
+    params = ffl.freeze(params, "kernel")
+    state = ffl.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(0.1))
+    rows = {r.path: r for r in ff.summary(state).rows}
+    assert rows["step"] == Row("step", "int", (), "int32", "state", 1, 4)
+    assert rows["opt_state/0/count"] == Row(
+        "opt_state/0/count", "Array", (), "int32", "state", 1, 4
+    )
+    assert rows["params/kernel"] == Row(
+        "params/kernel", "FrozenBox", (3, 2), "float32", "frozen", 6, 24
+    )
+    assert rows["params/bias"] == Row("params/bias", "Array", (2,), "float32", "trainable", 2, 8)
+    assert rows["opt_state/0/mu/bias"].status == "state"
+    path = tmp_path / "ckpt"
+    ff.checkpoint.save(path, state)
+    described = ff.checkpoint.describe(path)
+    assert [(r.path, r.status, r.count, r.bytes) for r in described.rows] == [
+        (r.path, r.status, r.count, r.bytes) for r in ff.summary(state).rows
+    ]
+    assert described.totals == ff.summary(state).totals
+
+
+def test_bare_values_are_named_by_their_type():
+    tree = {"f": 0.5, "n": 3, "a": jnp.ones(2), "np": np.ones(2, np.float32)}
+    rows = {r.path: (r.type, r.status) for r in ff.summary(tree).rows}
+    assert rows == {
+        "a": ("Array", "trainable"),
+        "f": ("float", "trainable"),
+        "n": ("int", "state"),
+        "np": ("ndarray", "trainable"),
+    }
+
+
+def test_linen_variables_dict_rows_are_typed_by_value_not_collection():
+    variables = {
+        "params": {"w": jnp.ones(2)},
+        "frozen_params": {"v": jnp.ones(3)},
+        "batch_stats": {"mean": jnp.zeros(4)},
+    }
+    rows = {r.path: (r.type, r.status) for r in ff.summary(variables).rows}
+    assert rows == {
+        "batch_stats/mean": ("Array", "state"),
+        "frozen_params/v": ("Array", "frozen"),
+        "params/w": ("Array", "trainable"),
+    }
+
+
+def test_plain_optax_state_beside_its_parameters_is_state_not_trainable():
+    import optax
+
+    params = {"w": jnp.ones(2), "b": ff.FrozenParam(jnp.ones(3))}
+    opt_state = optax.adam(0.1).init(ff.trainable_tree(params))
+    totals = ff.summary((params, opt_state)).totals
+    assert totals.count == {"trainable": 2, "frozen": 3, "state": 5}
+    assert (totals.total_count, totals.total_bytes) == (10, 40)
+    assert totals.to_json()["total"] == {"count": 10, "bytes": 40}
+
+
+def test_totals_is_one_type_on_summaries_and_descriptions(tmp_path):
+    tree = {"w": jnp.ones(2), "b": ff.FrozenParam(jnp.ones(3))}
+    ff.checkpoint.save(tmp_path / "c", tree)
+    described = ff.checkpoint.describe(tmp_path / "c").totals
+    assert type(described) is type(ff.summary(tree).totals) is ff.Totals
+    assert described.count == {"trainable": 2, "frozen": 3, "state": 0}
+    assert described.line() == "trainable 2 (8 B), frozen 3 (12 B)"

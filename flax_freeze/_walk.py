@@ -1,9 +1,13 @@
-"""What a checkpoint sees in a node: its entries and their flags, and putting values back.
+"""The one walk over a node: its entries, and the one place that decides their status.
 
-An entry is one stored value: an NNX variable (with every path it is
-reachable by), a bare array or number of a pytree, or a Linen parameter in
-boxes (``ffl.FrozenBox``, ``nn.Partitioned``...), stored unboxed under the
-parameter's own path.
+Re-typing (:func:`~flax_freeze.freeze`, :func:`~flax_freeze.unfreeze`),
+gradients, :func:`~flax_freeze.summary` and checkpoints all see a node
+through :func:`walk`, the way NNX walks it. An entry is one value of state:
+an NNX variable (with every path it is reachable by), a bare array or number
+of a pytree, or a Linen parameter in boxes (``ffl.FrozenBox``,
+``nn.Partitioned``...), under the parameter's own path. :func:`status`
+says whether an entry is ``trainable``, ``frozen`` or other ``state``, and
+:func:`type_name` what to call it.
 """
 
 from __future__ import annotations
@@ -24,8 +28,7 @@ from ._boxes import PARAMS, is_foreign_frozen, is_frozen_box, is_variables_dict
 from ._compat import get_node_impl
 from ._filters import Path
 from ._optimizer import Optimizer
-from ._retype import is_raw_trainable
-from ._variables import FrozenParam, is_param
+from ._variables import FrozenParam, is_any_param, is_param
 
 Key = tuple[str, ...]
 #: Where an entry sits in Linen state: a ``params`` collection (trainable
@@ -63,6 +66,15 @@ def is_module_leaf(x: Any) -> bool:
 def is_tree_leaf(x: Any) -> bool:
     """State in a plain pytree: arrays and Python or NumPy numbers."""
     return is_module_leaf(x) or is_number(x)
+
+
+def is_raw_trainable(x: Any) -> bool:
+    """Whether a bare pytree leaf is trainable: an inexact array or a Python float."""
+    if isinstance(x, float):
+        return True
+    if isinstance(x, jax.Array | np.ndarray | np.generic):
+        return bool(jnp.issubdtype(x.dtype, jnp.inexact))
+    return False
 
 
 def is_inexact(x: Any) -> bool:
@@ -145,6 +157,10 @@ class Entry:
     # Inside plain optax state: the path of the field of the innermost optax
     # state node that holds it (``1/0/mu`` for ``1/0/mu/w``); None elsewhere.
     opt_field: Path | None = None
+    # Inside a frozen marker that is no box chain of one value (another library's
+    # frozen wrapper such as ``paramax.NonTrainable``, or an ``ffl.FrozenBox`` around
+    # a subtree): ``(path, marker)`` of the outermost one; None elsewhere.
+    marker: tuple[Path, Any] | None = None
 
     @property
     def mirror(self) -> Path | None:
@@ -196,11 +212,14 @@ def walk(
     in_module: bool = False,
     in_optimizer: bool = False,
     linen: Linen = None,
+    empty: bool = False,
 ) -> Walked:
-    """Walks ``node`` the way NNX does: its saved entries, optimizers and train states.
+    """Walks ``node`` the way NNX does: its entries, optimizers and train states.
 
     A tied variable is one entry with several paths. Variables holding None
-    are skipped. A Linen box chain is one entry, under the path of the box.
+    are skipped unless ``empty``. A Linen box chain is one entry, under the
+    path of the box. Inside NNX modules only arrays are entries besides
+    variables; elsewhere arrays and Python or NumPy numbers.
     """
     variables: dict[int, Entry] = {}
     leaves: list[Entry] = []
@@ -215,24 +234,27 @@ def walk(
         in_opt: bool,
         linen: Linen,
         opt_field: Path | None = None,
+        marker: tuple[Path, Any] | None = None,
     ) -> None:
         if isinstance(x, nnx.Variable):
             value = x.get_raw_value()
-            if value is None:
+            if value is None and not empty:
                 return
-            entry = variables.setdefault(id(x), Entry([], value, x))
+            entry = variables.setdefault(id(x), Entry([], value, x, marker=marker))
             entry.paths.append(path)
             entry.in_module = entry.in_module or in_module
             entry.in_optimizer = entry.in_optimizer or in_opt
             return
         if is_box_chain(x):
             value = jax.tree_util.tree_leaves(x)[0]
-            leaves.append(Entry([path], value, None, in_module, in_opt, x, linen, opt_field))
+            entry = Entry([path], value, None, in_module, in_opt, x, linen, opt_field, marker)
+            leaves.append(entry)
             return
         impl = get_node_impl(x)
         if impl is None:
             if is_module_leaf(x) if in_module else is_tree_leaf(x):
-                leaves.append(Entry([path], x, None, in_module, in_opt, None, linen, opt_field))
+                entry = Entry([path], x, None, in_module, in_opt, None, linen, opt_field, marker)
+                leaves.append(entry)
             return
         if id(x) in ancestors:  # a cycle through a parent reference
             return
@@ -241,17 +263,19 @@ def walk(
             in_opt = True
         if isinstance(x, train_state.TrainState):
             states.append((path, x))
-        if is_foreign_frozen(x):
-            # Inside another library's frozen wrapper (paramax.NonTrainable) every value
-            # is frozen, as in a frozen_params collection, and is never re-typed.
-            linen = "frozen"
+        if marker is None and (is_foreign_frozen(x) or is_frozen_box(x)):
+            # Inside another library's frozen wrapper (paramax.NonTrainable), or a frozen
+            # box around a subtree, every parameter is frozen and is never re-typed.
+            marker = (path, x)
         ancestors.add(id(x))
         child_in_module = in_module or isinstance(x, nnx.Pytree)
         optax_node = not in_module and is_optax_state(x)
         for key, child in impl.node_dict(x).items():
             child_linen = _child_linen(x, key, child, linen)
             field = (*path, key) if optax_node else opt_field
-            visit(child, (*path, key), ancestors, child_in_module, in_opt, child_linen, field)
+            visit(
+                child, (*path, key), ancestors, child_in_module, in_opt, child_linen, field, marker
+            )
         ancestors.discard(id(x))
 
     visit(node, prefix, set(), in_module, in_optimizer, linen)
@@ -264,14 +288,19 @@ def is_optax_state(x: Any) -> bool:
 
 
 def status(entry: Entry) -> str:
-    """The flag an entry is saved with: ``trainable``, ``frozen`` or ``state``.
+    """Whether an entry is ``trainable``, ``frozen`` or other ``state``.
 
-    The one place that decides it. A variable's type decides; a bare value
+    The one place that decides it, for summaries, checkpoints and re-typing.
+    Inside a frozen marker (``paramax.NonTrainable``) parameters and inexact
+    bare values are frozen. Elsewhere a variable's type decides; a bare value
     decides by where it sits (Linen state collections and plain optax state
     are state), then by its boxes (frozen in an ``ffl.FrozenBox``), then by
     its dtype (inexact values are trainable).
     """
     x = entry.variable
+    if entry.marker is not None:
+        inexact = x is None and is_inexact(entry.value) and entry.linen != "state"
+        return "frozen" if is_any_param(x) or isinstance(x, FrozenParam) or inexact else "state"
     if is_param(x):
         return "trainable"
     if isinstance(x, FrozenParam):
@@ -281,3 +310,21 @@ def status(entry: Entry) -> str:
     if entry.linen == "frozen" or (entry.box is not None and is_frozen_box(entry.box)):
         return "frozen"
     return "trainable" if is_inexact(entry.value) else "state"
+
+
+def type_name(entry: Entry) -> str:
+    """What a table calls an entry: its variable's or outermost box's type, else its value's.
+
+    A bare value inside another library's frozen wrapper is named after the
+    wrapper (``NonTrainable``); any other bare value after its own type
+    (``Array``, ``ndarray``, ``float``, ``int``).
+    """
+    if entry.variable is not None:
+        return type(entry.variable).__name__
+    if entry.box is not None:
+        return type(entry.box).__name__
+    if entry.marker is not None:
+        return type(entry.marker[1]).__name__
+    if isinstance(entry.value, jax.Array):
+        return "Array"
+    return type(entry.value).__name__
