@@ -29,6 +29,7 @@ from ._filters import (
 )
 from ._qwix import check_qwix
 from ._variables import (
+    FROM_LEAF_KEY,
     PARAM_TYPE_KEY,
     TRAINED_DTYPE_KEY,
     FrozenParam,
@@ -177,8 +178,9 @@ def _frozen_copy(variable: nnx.Variable, dtype: np.dtype | None) -> FrozenParam:
     return FrozenParam.from_metadata(value, metadata)  # type: ignore[return-value]
 
 
-def _frozen_leaf(x: Any, dtype: np.dtype | None) -> FrozenParam:
-    metadata: dict[str, Any] = {}
+def frozen_leaf(x: Any, dtype: np.dtype | None = None) -> FrozenParam:
+    """The ``FrozenParam`` that ``freeze`` puts at a bare pytree leaf; ``unfreeze`` undoes it."""
+    metadata: dict[str, Any] = {FROM_LEAF_KEY: True}
     value = _stored(x, metadata, dtype)
     return FrozenParam(value, **metadata)
 
@@ -190,7 +192,7 @@ def _trainable_copy(variable: nnx.Variable, in_module: bool) -> Any:
     trained_dtype = metadata.pop(TRAINED_DTYPE_KEY, None)
     if trained_dtype is not None:
         value = _cast(value, trained_dtype)
-    if param_type is None and not in_module:
+    if metadata.pop(FROM_LEAF_KEY, False) and not in_module:
         return value  # a bare pytree leaf frozen by freeze()
     return (param_type or nnx.Param).from_metadata(value, metadata)
 
@@ -452,7 +454,7 @@ def freeze(node: N, filter: Any = Trainable, *, missing_ok: bool = False, dtype:
     new_variables = {
         k: _frozen_copy(s.variable, stored_dtype) for k, s in chosen.items() if is_param(s.variable)
     }
-    new_leaves = {p: _frozen_leaf(x, stored_dtype) for p, x in chosen_raw.items()}
+    new_leaves = {p: frozen_leaf(x, stored_dtype) for p, x in chosen_raw.items()}
     return replace(node, new_variables, new_leaves)
 
 

@@ -18,6 +18,12 @@ V = TypeVar("V", bound=type)
 #: (for example ``nnx.LoRAParam``) so that ``unfreeze`` can restore it.
 PARAM_TYPE_KEY = "param_type"
 
+#: Metadata key under which a frozen parameter remembers that it was a bare
+#: pytree leaf before :func:`flax_freeze.freeze` wrapped it: ``unfreeze`` gives
+#: the bare value back. One declared frozen (``FrozenParam(x)``) has no such
+#: entry and becomes ``nnx.Param``.
+FROM_LEAF_KEY = "frozen_from_leaf"
+
 #: Metadata key under which a parameter frozen in a lower precision
 #: (``freeze(..., dtype=...)``) remembers the dtype it was trained in.
 TRAINED_DTYPE_KEY = "trained_dtype"

@@ -305,8 +305,8 @@ def status(entry: Entry) -> str:
         return "trainable"
     if isinstance(x, FrozenParam):
         return "frozen"
-    if x is not None or entry.linen == "state" or entry.opt_field is not None:
-        return "state"
+    if x is not None or entry.in_module or entry.linen == "state" or entry.opt_field is not None:
+        return "state"  # inside a module only parameter variables train
     if entry.linen == "frozen" or (entry.box is not None and is_frozen_box(entry.box)):
         return "frozen"
     return "trainable" if is_inexact(entry.value) else "state"

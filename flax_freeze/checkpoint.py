@@ -94,11 +94,12 @@ from ._compat import OptArray, OptVariable, get_var_pspec, jax_to_nnx_path
 from ._filters import Path, path_str
 from ._grad import trainable_tree
 from ._optimizer import Optimizer, migrate_opt_state
-from ._retype import freeze, replace, unfreeze
+from ._retype import freeze, frozen_leaf, replace, unfreeze
 from ._summary import Row as Row
 from ._summary import Totals as Totals
 from ._summary import human_bytes, table
 from ._variables import (
+    FROM_LEAF_KEY,
     PARAM_TYPE_KEY,
     TRAINED_DTYPE_KEY,
     FrozenParam,
@@ -1028,7 +1029,7 @@ def _box_changes(
         elif path in to_unbox and entry.box is not None:
             new_at[path] = strip_frozen(entry.box)
         elif path in to_param:
-            new_at[path] = FrozenParam(entry.value)
+            new_at[path] = frozen_leaf(entry.value)
     return new_at
 
 
@@ -1038,6 +1039,7 @@ class _Retype:
 
     to_freeze: set[int] = field(default_factory=set)  # Param variables, by id
     to_unfreeze: set[int] = field(default_factory=set)  # FrozenParam variables, by id
+    to_bare: set[int] = field(default_factory=set)  # of those, the ones saved as bare leaves
     param_types: dict[int, type] = field(default_factory=dict)  # by variable id
     trained_dtypes: dict[Key, np.dtype[Any] | None] = field(default_factory=dict)  # by entry key
     to_box: set[Path] = field(default_factory=set)  # Linen values to put in an ffl.FrozenBox
@@ -1141,6 +1143,8 @@ class _Plan:
             for entry in walk(node).entries:  # the value held frozen in a lower precision
                 variable = entry.variable
                 if id(variable) in ids and variable is not None:
+                    if id(variable) in retype.to_bare:
+                        variable.set_metadata(FROM_LEAF_KEY, True)
                     trained_dtype = variable.get_metadata().get(TRAINED_DTYPE_KEY)
                     if trained_dtype is not None:
                         variable.del_metadata(TRAINED_DTYPE_KEY)
@@ -1555,8 +1559,8 @@ def _plan_retype(saved: Flags, entries: list[Entry], stored: Mapping[Key, _Store
     retype = _Retype()
     for entry in entries:
         candidates = _candidates(entry, stored)
-        if not candidates:
-            continue
+        if not candidates or entry.marker is not None:
+            continue  # inside another library's frozen wrapper: frozen by it, never re-typed
         name, variable = join(candidates[0]), entry.variable
         if name in saved.frozen:
             trained_dtype = saved.trained_dtypes.get(name)
@@ -1576,6 +1580,8 @@ def _plan_retype(saved: Flags, entries: list[Entry], stored: Mapping[Key, _Store
                     retype.param_types[id(variable)] = cls
         elif name in saved.trainable and isinstance(variable, FrozenParam):
             retype.to_unfreeze.add(id(variable))
+            if name not in saved.types and not entry.in_module:
+                retype.to_bare.add(id(variable))  # saved as a bare leaf: unfrozen to one
             cls = _param_class(saved.types.get(name))
             if not has_type and cls is not None and (cls is not nnx.Param or not entry.in_module):
                 retype.param_types[id(variable)] = cls

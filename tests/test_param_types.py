@@ -284,6 +284,7 @@ def test_gpjax_registered_grad_optimizer_and_summary(data):
         ("likelihood/obs_stddev", "NonNegativeReal", "trainable"),
         ("prior/kernel/lengthscale", "FrozenParam", "frozen"),
         ("prior/kernel/variance", "NonNegativeReal", "trainable"),
+        ("prior/mean_function/constant", "Array", "state"),  # an array attribute, not trained
     }
     assert (s.trainable_count, s.frozen_count, s.frozen_bytes) == (2, 1, 8)
 
@@ -463,7 +464,8 @@ def test_paramax_summary_counts_non_trainable_frozen():
     assert (s.trainable_count, s.frozen_count, s.frozen_bytes) == (6, 2, 8)
     wrapped = {"p": paramax.NonTrainable({"k": nnx.Param(jnp.ones(3)), "n": 2})}
     assert [(r.path, r.type, r.status) for r in ff.summary(wrapped).rows] == [
-        ("p/tree/k", "Param", "frozen")
+        ("p/tree/k", "Param", "frozen"),
+        ("p/tree/n", "NonTrainable", "state"),
     ]
 
 
