@@ -40,7 +40,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import flax_freeze as ff
-from flax_freeze._ckpt_checksum import checksum
+from flax_freeze.checkpoint._checksum import checksum
 
 SIZES = {"MLP 4x256": (256, 4), "MLP 8x1024": (1024, 8), "MLP 8x2048": (2048, 8)}
 

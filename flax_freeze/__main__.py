@@ -14,8 +14,6 @@ import json
 import sys
 from collections.abc import Sequence
 
-from etils import epath
-
 from . import checkpoint
 
 
@@ -34,20 +32,6 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--step", type=int, default=None, help="step of a manager directory")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
-
-
-def _checkpoint_directory(directory: str, step: int | None) -> tuple[epath.Path, int | None]:
-    """The checkpoint to show: ``directory`` itself, or a step of a manager directory."""
-    path = checkpoint._absolute(directory)
-    if step is None:
-        try:
-            checkpoint._locate(path)
-        except ValueError:
-            if not checkpoint.ocp.step.checkpoint_steps(path):
-                raise
-        else:
-            return path, None
-    return checkpoint._step_directory(path, step, "directory")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,25 +55,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         path  type         shape  dtype    status     count  bytes
         ----------------------------------------------------------
         b     FrozenParam  (2,)   float32  frozen         2      8
-        w     array        (3,)   float32  trainable      3     12
+        w     Array        (3,)   float32  trainable      3     12
         ----------------------------------------------------------
         trainable 3 (12 B), frozen 2 (8 B), total 5 (20 B)
         0
     """
     args = _parser().parse_args(argv)
     try:
-        path, step = _checkpoint_directory(args.directory, args.step)
-        description = checkpoint.describe(path)
+        description = checkpoint.describe(args.directory, step=args.step)
     except (OSError, ValueError) as err:
         message = " ".join(str(err).split())
         print(f"flax-freeze {args.command}: error: {message}", file=sys.stderr)
         return 2
     if args.json:
-        data = {"step": step, **description.to_json()}
-        print(json.dumps(data, indent=2))
+        print(json.dumps(description.to_json(), indent=2))
     else:
-        if step is not None:
-            print(f"step {step}")
+        if description.step is not None:
+            print(f"step {description.step}")
         print(description)
     return 0
 

@@ -1,9 +1,12 @@
 """What the one walk and the one status decide, seen the same way by every part of the package."""
 
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import optax
 import paramax
+import pytest
 from flax import nnx
 
 import flax_freeze as ff
@@ -11,7 +14,8 @@ import flax_freeze as ff
 
 def test_unfreeze_makes_a_parameter_declared_frozen_in_a_pytree_a_param():
     tree = ff.unfreeze({"a": ff.FrozenParam(0.5), "b": ff.FrozenParam(jnp.ones(2))})
-    assert type(tree["a"]) is nnx.Param and tree["a"].get_raw_value() == 0.5
+    assert type(tree["a"]) is nnx.Param
+    assert tree["a"].get_raw_value() == 0.5
     assert type(tree["b"]) is nnx.Param
     np.testing.assert_array_equal(tree["b"].get_raw_value(), [1.0, 1.0])
 
@@ -20,7 +24,8 @@ def test_unfreeze_gives_back_the_bare_leaf_that_freeze_wrapped():
     frozen = ff.freeze({"a": 0.5, "b": jnp.ones(2)}, "a")
     assert type(frozen["a"]) is ff.FrozenParam
     back = ff.unfreeze(frozen)
-    assert back["a"] == 0.5 and type(back["a"]) is float
+    assert type(back["a"]) is float
+    assert back["a"] == 0.5
     assert isinstance(back["b"], type(jnp.ones(2)))
 
 
@@ -60,3 +65,94 @@ def test_grad_and_optimizer_state_skip_what_the_summary_calls_frozen():
     assert (grads["b"], grads["n"]) == (None, None)
     np.testing.assert_array_equal(grads["w"], [4.0, 4.0, 4.0])
     assert {k: v is None for k, v in state[0].mu.items()} == {"b": True, "n": True, "w": False}
+
+
+def _pair(frozen_b: bool):
+    a = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+    b = nnx.Linear(4, 5, rngs=nnx.Rngs(1))
+    if frozen_b:
+        ff.freeze(b, "kernel")
+    return a, b, ff.Optimizer(b, optax.adam(0.1))
+
+
+def test_an_optimizer_is_restored_for_its_own_model_not_one_with_the_same_paths(tmp_path):
+    a, b, opt_b = _pair(frozen_b=True)
+    x = jnp.ones((3, 4))
+    grads = ff.grad(lambda m: m(x).sum())(b)
+    opt_b.update(b, grads)
+    ff.checkpoint.save(tmp_path / "c", (a, b, opt_b))
+    assert ff.checkpoint.read_flags(tmp_path / "c").owners == {"2": "1"}
+    a2, b2, opt_b2 = ff.checkpoint.restore(tmp_path / "c", _pair(frozen_b=False))
+    assert type(b2.kernel) is ff.FrozenParam
+    assert type(a2.kernel) is nnx.Param
+    assert opt_b2.trained_paths == (("bias",),)
+    np.testing.assert_array_equal(
+        opt_b2.opt_state[0].mu["bias"][...], opt_b.opt_state[0].mu["bias"][...]
+    )
+    assert opt_b2.opt_state[0].mu["bias"][...].shape == (5,)
+
+
+def test_saved_in_any_order_the_optimizer_finds_its_model(tmp_path):
+    a, b, opt_b = _pair(frozen_b=True)
+    ff.checkpoint.save(tmp_path / "c", {"opt": opt_b, "a": a, "b": b})
+    assert ff.checkpoint.read_flags(tmp_path / "c").owners == {"opt": "b"}
+    a2, b2, opt2 = _pair(frozen_b=False)
+    out = ff.checkpoint.restore(tmp_path / "c", {"opt": opt2, "a": a2, "b": b2})
+    assert out["opt"].opt_state[0].mu["bias"][...].shape == (5,)
+
+
+def test_a_checkpoint_without_owners_finds_the_model_in_the_target(tmp_path):
+    a, b, opt_b = _pair(frozen_b=True)
+    ff.checkpoint.save(tmp_path / "c", (a, b, opt_b))
+    flags = tmp_path / "c" / "flags" / "metadata"
+    data = json.loads(flags.read_text())
+    del data["owners"]  # as earlier versions wrote it
+    flags.write_text(json.dumps(data))
+    _, b2, opt_b2 = ff.checkpoint.restore(tmp_path / "c", _pair(frozen_b=False))
+    assert type(b2.kernel) is ff.FrozenParam
+    assert opt_b2.opt_state[0].mu["bias"][...].shape == (5,)
+
+
+def _without_owners(path):
+    flags = path / "flags" / "metadata"
+    data = json.loads(flags.read_text())
+    del data["owners"]  # as earlier versions wrote it
+    flags.write_text(json.dumps(data))
+
+
+def test_without_owners_the_saved_state_shapes_pick_the_model(tmp_path):
+    a, b, opt_b = _pair(frozen_b=True)
+    ff.checkpoint.save(tmp_path / "c", (b, opt_b, a))
+    _without_owners(tmp_path / "c")
+    a2, b2, opt_b2 = _pair(frozen_b=False)
+    b2, opt_b2, _ = ff.checkpoint.restore(tmp_path / "c", (b2, opt_b2, a2))
+    assert opt_b2.opt_state[0].mu["bias"][...].shape == (5,)
+
+
+def test_without_owners_two_models_that_fit_are_an_error_not_a_guess(tmp_path):
+    tx = optax.adafactor(0.1, min_dim_size_to_factor=2)  # factored: no state of a kernel's shape
+    a = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+    b = ff.freeze(nnx.Linear(4, 5, rngs=nnx.Rngs(1)), "bias")
+    ff.checkpoint.save(tmp_path / "c", (a, b, ff.Optimizer(b, tx)))
+    _without_owners(tmp_path / "c")
+    b2 = nnx.Linear(4, 5, rngs=nnx.Rngs(1))
+    target = (nnx.Linear(2, 3, rngs=nnx.Rngs(0)), b2, ff.Optimizer(b2, tx))
+    with pytest.raises(
+        ValueError, match=r"several models the optimizer could belong to \(\[0, 1\]\)"
+    ):
+        ff.checkpoint.restore(tmp_path / "c", target)
+    ff.checkpoint.save(tmp_path / "d", (a, b, ff.Optimizer(b, tx)))  # with owners: no doubt
+    _, b3, opt3 = ff.checkpoint.restore(tmp_path / "d", target)
+    assert type(b3.bias) is ff.FrozenParam
+    assert opt3.trained_paths == (("kernel",),)
+
+
+def test_malformed_owners_are_refused(tmp_path):
+    _, b, opt_b = _pair(frozen_b=True)
+    ff.checkpoint.save(tmp_path / "c", (b, opt_b))
+    flags = tmp_path / "c" / "flags" / "metadata"
+    data = json.loads(flags.read_text())
+    data["owners"] = {"7": "0"}
+    flags.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"malformed 'owners' entry: it names optimizers .*\[7\]"):
+        ff.checkpoint.read_flags(tmp_path / "c")

@@ -10,8 +10,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from ._ckpt_checksum import PATTERN
-from ._filters import Path, path_str
+from .._filters import Path, path_str
+from ._checksum import PATTERN
 
 #: The ``format`` entry of a flags item written by ``ff.checkpoint``.
 FORMAT = "flax_freeze.checkpoint"
@@ -59,6 +59,13 @@ class Flags:
         checksums: for each stored array, a checksum of its content (e.g.
             ``"crc32:1c291ca3"``), verified on restore (empty in version 1
             checkpoints).
+        owners: for each ``ff.Optimizer`` of :attr:`optimizers`, the path of
+            the model it trains in the saved node (``""`` for the node
+            itself): the one graph node that holds every parameter the
+            optimizer trains, and trains exactly those. Absent when the saved
+            node does not hold its model, or holds several that fit, and in
+            checkpoints of earlier versions; a restore then finds the model
+            in the target the same way.
     """
 
     frozen: frozenset[str] = frozenset()
@@ -71,6 +78,7 @@ class Flags:
     trained_dtypes: Mapping[str, str] = field(default_factory=dict)
     save_id: str | None = None
     checksums: Mapping[str, str] = field(default_factory=dict)
+    owners: Mapping[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON item, as stored."""
@@ -92,6 +100,7 @@ class Flags:
             "trained_dtypes": dict(sorted(self.trained_dtypes.items())),
             "save_id": self.save_id,
             "checksums": dict(sorted(self.checksums.items())),
+            "owners": dict(sorted(self.owners.items())),
         }
 
     @classmethod
@@ -178,7 +187,13 @@ class Flags:
             mapping("trained_dtypes"),
             save_id if version >= 2 else None,
             checksums,
+            mapping("owners"),
         )
+        if not set(flags.owners) <= set(optimizers):
+            raise bad(
+                f"has a malformed 'owners' entry: it names optimizers the 'optimizers' entry "
+                f"does not list ({show(set(flags.owners) - set(optimizers))})"
+            )
         bad_dtypes = {k: v for k, v in flags.trained_dtypes.items() if not _is_floating(v)}
         if bad_dtypes:
             raise bad(

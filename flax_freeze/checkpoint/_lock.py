@@ -23,7 +23,7 @@ from types import TracebackType
 
 from etils import epath
 
-from ._ckpt_files import is_local
+from ._files import is_local
 
 NEW = ".flax-freeze-new"
 OLD = ".flax-freeze-old"
