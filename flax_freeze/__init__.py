@@ -1,6 +1,7 @@
 """flax_freeze: frozen parameters as a first-class, switchable property of Flax state."""
 
 from . import checkpoint as checkpoint
+from ._filters import Filter as Filter
 from ._filters import PathRegex as PathRegex
 from ._grad import grad as grad
 from ._grad import stop_frozen as stop_frozen
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AnyParam",
+    "Filter",
     "FrozenParam",
     "Optimizer",
     "PathRegex",

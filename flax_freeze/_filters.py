@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeAlias, cast
 
 from flax import nnx
 from flax.nnx import filterlib
@@ -131,6 +131,18 @@ class PathRegex:
 
     def __hash__(self) -> int:
         return hash((PathRegex, self._key()))
+
+
+Filter: TypeAlias = filterlib.Filter | PathRegex | re.Pattern[str]
+"""What selects variables: any NNX filter or a path regex.
+
+An NNX filter is a variable type (``nnx.Param``, ``ff.FrozenParam``), a
+predicate ``(path, variable) -> bool``, ``nnx.All``/``nnx.Any``/``nnx.Not``
+or ``nnx.PathContains`` of filters, ``True``/``False``/``...``/``None``, or
+a tuple or list of filters (any of them). A :class:`PathRegex`, a compiled
+``re.Pattern`` or, in flax_freeze's functions, a plain string selects by
+path (NNX reads a plain string as a tag).
+"""
 
 
 def is_nothing(filter: Any) -> bool:

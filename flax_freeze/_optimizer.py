@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +13,7 @@ from flax import nnx
 from jax.core import Tracer
 
 from ._compat import in_update_context, is_node, jax_to_nnx_path, to_opt_state
-from ._filters import Path, path_str
+from ._filters import Filter, Path, path_str
 from ._variables import FrozenParam, Trainable
 
 M = TypeVar("M")
@@ -298,7 +298,7 @@ class Optimizer(nnx.Optimizer[M]):
         (True, ['bias'])
     """
 
-    def __init__(self, model: M, tx: Transform, *, wrt: Any = Trainable) -> None:
+    def __init__(self, model: M, tx: Transform, *, wrt: Filter = Trainable) -> None:
         """Builds optimizer state for the parameters ``wrt`` selects in ``model``."""
         if model is None or not is_node(model) or isinstance(model, Transform):
             raise TypeError(
@@ -315,11 +315,11 @@ class Optimizer(nnx.Optimizer[M]):
             # nnx.Optimizer only calls tx.init/tx.update, which MultiSteps has too.
             super().__init__(model, tx, wrt=wrt, graph=True)  # pyright: ignore[reportArgumentType]
         except ValueError as err:
-            clear = _labels_error(tx, nnx.state(model, wrt, graph=True), err)
+            clear = _labels_error(tx, nnx.state(model, cast(Any, wrt), graph=True), err)
             if clear is None:
                 raise
             raise clear from err
-        self.trained_paths = _paths(nnx.state(model, wrt, graph=True))
+        self.trained_paths = _paths(nnx.state(model, cast(Any, wrt), graph=True))
 
     def migrate(self, model: M) -> bool:
         """Brings the optimizer state in line with the parameters ``wrt`` selects now.

@@ -17,6 +17,7 @@ from ._boxes import is_frozen_box
 from ._bridge import check_bridge_retype, sync_bridge_class
 from ._compat import PytreeNodeImpl, get_node_impl, jax_to_nnx_path
 from ._filters import (
+    Filter,
     Path,
     Predicate,
     is_nothing,
@@ -365,7 +366,9 @@ def _check_not_a_tag(func: str, filter: str, params: dict[int, _Site]) -> None:
         )
 
 
-def freeze(node: N, filter: Any = Trainable, *, missing_ok: bool = False, dtype: Any = None) -> N:
+def freeze(
+    node: N, filter: Filter = Trainable, *, missing_ok: bool = False, dtype: Any = None
+) -> N:
     """Makes the parameters that ``filter`` selects frozen, in place.
 
     Each selected ``nnx.Param`` (or subclass, such as ``nnx.LoRAParam``) is
@@ -458,7 +461,7 @@ def freeze(node: N, filter: Any = Trainable, *, missing_ok: bool = False, dtype:
     return replace(node, new_variables, new_leaves)
 
 
-def unfreeze(node: N, filter: Any = FrozenParam, *, missing_ok: bool = False) -> N:
+def unfreeze(node: N, filter: Filter = FrozenParam, *, missing_ok: bool = False) -> N:
     """Makes the frozen parameters that ``filter`` selects trainable again, in place.
 
     Each selected :class:`FrozenParam` becomes the type it had before
@@ -505,7 +508,7 @@ def unfreeze(node: N, filter: Any = FrozenParam, *, missing_ok: bool = False) ->
 
 
 @contextlib.contextmanager
-def freezing(node: N, filter: Any = Trainable, *, missing_ok: bool = False) -> Iterator[N]:
+def freezing(node: N, filter: Filter = Trainable, *, missing_ok: bool = False) -> Iterator[N]:
     """Context manager: the selected parameters are frozen inside, restored on exit.
 
     On exit, also when the block raises, exactly the parameters this call froze
