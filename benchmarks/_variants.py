@@ -30,6 +30,7 @@ CLIP_NORM = 1.0
 
 SPLIT = "split"
 SPLIT_CLIP = "split + clip"
+SPLIT_COUNT = "split + step count"
 FLAX_FREEZE = "flax_freeze"
 FLAX_FREEZE_CLIP = "flax_freeze + clip"
 MULTI = "multi_transform"
@@ -46,6 +47,8 @@ DESCRIPTIONS: dict[str, str] = {
     SPLIT: "hand-written split (the ideal): `jax.value_and_grad` of the trainable arrays "
     "only, frozen arrays a separate argument, Adam on the trainable arrays",
     SPLIT_CLIP: "the same with `optax.clip_by_global_norm(1.0)` before Adam",
+    SPLIT_COUNT: "the split that also counts its steps in a uint32, as `ff.Optimizer` does: "
+    "the same program with one more output (GP only)",
     FLAX_FREEZE: "`ff.freeze` + `ff.Optimizer`, run by `ff.TrainStep` (`loss = step(x, y)`): "
     "one `jax.jit` over the model's arrays, frozen ones passed undonated, model kept current",
     FLAX_FREEZE_CLIP: "the same with `optax.clip_by_global_norm(1.0)` before Adam",
@@ -155,8 +158,14 @@ class _Flat:
         return {p: np.asarray(a) for p, a in zip(self.paths, arrays, strict=True)}
 
 
-def split_variant(spec: Spec, setting: Setting, *, clip: bool = False) -> Variant:
-    """The hand-written split: only the trainable arrays are differentiated and optimized."""
+def split_variant(
+    spec: Spec, setting: Setting, *, clip: bool = False, count: bool = False
+) -> Variant:
+    """The hand-written split: only the trainable arrays are differentiated and optimized.
+
+    With ``count`` the step also adds one to a uint32 step count it carries, as
+    ``ff.Optimizer`` (an ``nnx.Optimizer``) does: one more output, nothing else.
+    """
     flat = _Flat.build(spec, setting)
     loss_of = flat.loss(spec)
     train_idx = [i for i, f in enumerate(flat.frozen) if not f]
@@ -172,16 +181,17 @@ def split_variant(spec: Spec, setting: Setting, *, clip: bool = False) -> Varian
         return out
 
     def step(carry: Any, fixed: list[jax.Array], x: jax.Array, y: jax.Array) -> Any:
-        trainable, opt_state = carry
+        trainable, opt_state, *steps = carry
         loss, grads = jax.value_and_grad(lambda t: loss_of(join(t, fixed), x, y))(trainable)
         updates, opt_state = tx.update(grads, opt_state, trainable)
-        return loss, (optax.apply_updates(trainable, updates), opt_state)
+        return loss, (optax.apply_updates(trainable, updates), opt_state, *(n + 1 for n in steps))
 
     trainable = [flat.arrays[i] for i in train_idx]
     fixed = [flat.arrays[i] for i in frozen_idx]
-    carried = _Carried(step, (trainable, tx.init(trainable)), fixed)
+    steps = [jnp.zeros((), jnp.uint32)] if count else []
+    carried = _Carried(step, (trainable, tx.init(trainable), *steps), fixed)
     return Variant(
-        name=SPLIT_CLIP if clip else SPLIT,
+        name=SPLIT_COUNT if count else SPLIT_CLIP if clip else SPLIT,
         run=carried.run,
         params=lambda: flat.by_path(join(carried.carry[0], fixed)),
         opt_state=lambda: carried.carry[1],
@@ -364,10 +374,11 @@ def pytree_variant(spec: Spec, setting: Setting) -> Variant:
 
 
 #: The JAX variants in table order, each built as ``make(spec, setting)``; the
-#: pytree variant only for the GP.
+#: pytree variant and the split with a step count only for the GP.
 JAX_VARIANTS: dict[str, Callable[[Spec, Setting], Variant]] = {
     SPLIT: split_variant,
     SPLIT_CLIP: lambda spec, setting: split_variant(spec, setting, clip=True),
+    SPLIT_COUNT: lambda spec, setting: split_variant(spec, setting, count=True),
     FLAX_FREEZE: flax_freeze_variant,
     FLAX_FREEZE_CLIP: lambda spec, setting: flax_freeze_variant(spec, setting, clip=True),
     MULTI: multi_transform_variant,

@@ -13,10 +13,18 @@ built, checked and timed in the same run:
   for the clipped variants) and leaves every frozen array bit-identical;
 * the PyTorch peer when torch is installed (``pip install -e ".[bench]"``).
 
+``flax_freeze`` is ``ff.TrainStep`` itself; ``flax_freeze nnx.jit`` is the same
+step under ``@nnx.jit``. The GP runs a second time in a child process under
+``XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false``, and its
+ratios are reported beside the default ones.
+
 It prints a markdown table per model and whether each target is met, and
-writes ``step.json`` and ``step.md`` to ``--out``.
+writes ``step.json`` and ``step.md`` to ``--out``. ``--chart`` turns the JSON of
+one or more runs into the chart and the summary table of the docs (see
+``chart.py``).
 
     python benchmarks/step.py [--quick] [--models mlp,transformer,gp] [--out DIR]
+    python benchmarks/step.py --chart benchmarks/results/run-*/step.json
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,10 +60,10 @@ from _variants import (
     JAX_VARIANTS,
     LEARNING_RATE,
     MULTI_CLIP,
-    NNX_JIT,
     PYTREE,
     SPLIT,
     SPLIT_CLIP,
+    SPLIT_COUNT,
     TORCH,
     Variant,
 )
@@ -67,6 +76,10 @@ UPDATE_RTOL = 1e-3
 TORCH_UPDATE_RTOL = 1e-2
 #: Variants checked against the split with clipping rather than the plain split.
 CLIPPED = {SPLIT_CLIP, FLAX_FREEZE_CLIP, MULTI_CLIP}
+#: The XLA flag the GP is run under a second time, in a child process.
+SEQUENTIAL_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+#: Variants only the GP runs: the pytree form, and the split with one more output.
+GP_ONLY = frozenset({PYTREE, SPLIT_COUNT})
 #: Variants whose update may differ from their reference's by design, and why.
 EXPECTED_DIFFERENCES = {
     MULTI_CLIP: "update differs: its clipping norm counts the frozen gradients too",
@@ -96,28 +109,21 @@ def plans(*, quick: bool) -> dict[str, Plan]:
     if quick:
         return {
             "mlp": Plan(
-                mlp_spec(width=64, depth=4, batch=8),
-                rounds=2,
-                steps_per_round=2,
-                skip=frozenset({PYTREE}),
+                mlp_spec(width=64, depth=4, batch=8), rounds=2, steps_per_round=2, skip=GP_ONLY
             ),
             "transformer": Plan(
                 encoder_spec(d_model=32, heads=4, depth=2, seq=8, batch=2, vocab=64),
                 rounds=2,
                 steps_per_round=2,
-                skip=frozenset({PYTREE, NNX_JIT}),
+                skip=GP_ONLY,
             ),
             "gp": Plan(gp_spec(points=8, features=2), rounds=2, steps_per_round=2, tiny=True),
         }
     return {
         # One step per round, each round in a fresh order: drift on a shared machine then
         # reaches every variant alike. The GP's steps are too short for that to time well.
-        "mlp": Plan(mlp_spec(), rounds=20, steps_per_round=1, skip=frozenset({PYTREE})),
-        # nnx.jit's host cost is a few ms per call, lost in a step of 0.3-0.7 s: the MLP
-        # and the GP show it; leaving it out here keeps the full run near ten minutes.
-        "transformer": Plan(
-            encoder_spec(), rounds=20, steps_per_round=1, skip=frozenset({PYTREE, NNX_JIT})
-        ),
+        "mlp": Plan(mlp_spec(), rounds=20, steps_per_round=1, skip=GP_ONLY),
+        "transformer": Plan(encoder_spec(), rounds=20, steps_per_round=1, skip=GP_ONLY),
         "gp": Plan(gp_spec(), rounds=20, steps_per_round=50, tiny=True),
     }
 
@@ -287,7 +293,7 @@ def _find(rows: list[dict[str, Any]], model: str, setting: str, variant: str) ->
 
 
 def evaluate_targets(rows: list[dict[str, Any]], tiny: set[str]) -> list[dict[str, Any]]:
-    """The issue's targets, each with the measured value and whether it is met."""
+    """The targets, each with the measured value and whether it is met."""
     targets: list[dict[str, Any]] = []
 
     def add(target: str, model: str, setting: str, value: float, limit: float, met: bool) -> None:
@@ -408,6 +414,9 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {mb} | {_bytes(r['opt_state_bytes'])} | {r['median_s'] * 1e3:,.3f} "
                 f"| {_ratio(r['time_ratio'])} | {r['faults_per_step']:,.0f} | {check} |"
             )
+    flagged = result.get("gp_sequential")
+    if flagged is not None:
+        lines += ["", *gp_flag_table(result["rows"], flagged)]
     lines += ["", "### Targets", ""]
     for t in result["targets"]:
         value = t["value"]
@@ -421,12 +430,56 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def gp_flag_table(rows: list[dict[str, Any]], flagged: dict[str, Any]) -> list[str]:
+    """The GP's times under the default XLA flags and under ``SEQUENTIAL_FLAG``, side by side."""
+    lines = [
+        f"### GP: default XLA flags and `{flagged['xla_flags']}` side by side",
+        "",
+        "| setting | variant | median ms | time × split | median ms, flag | time × split, flag |",
+        "|---|---|--:|--:|--:|--:|",
+    ]
+    other = {(r["setting"], r["variant"]): r for r in flagged["rows"]}
+    for r in rows:
+        if r["model"] != "gp" or (r["setting"], r["variant"]) not in other:
+            continue
+        f = other[(r["setting"], r["variant"])]
+        lines.append(
+            f"| {r['setting']} | {r['variant']} | {r['median_s'] * 1e3:,.3f} "
+            f"| {_ratio(r['time_ratio'])} | {f['median_s'] * 1e3:,.3f} "
+            f"| {_ratio(f['time_ratio'])} |"
+        )
+    return lines
+
+
+def run_gp_with_flag(*, quick: bool, variants: Sequence[str] | None) -> dict[str, Any]:
+    """The GP part of this benchmark, run again in a child process under ``SEQUENTIAL_FLAG``.
+
+    XLA reads ``XLA_FLAGS`` once, when JAX starts its CPU backend: a flag can only
+    be compared against the default in another process.
+    """
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {SEQUENTIAL_FLAG}".strip()
+    command = [sys.executable, str(Path(__file__).resolve()), "--models", "gp", "--no-torch"]
+    command += ["--quick"] if quick else []
+    command += [] if variants is None else ["--variants", ",".join(variants)]
+    with tempfile.TemporaryDirectory() as folder:
+        subprocess.run([*command, "--out", folder], env=env, check=True, stdout=subprocess.DEVNULL)
+        child = json.loads((Path(folder) / "step.json").read_text())
+    return {
+        "xla_flags": child["machine"]["xla_flags"],
+        "wall_s": child["wall_s"],
+        "rows": child["rows"],
+        "targets": child["targets"],
+    }
+
+
 def main(
     *,
     quick: bool = False,
     models: Sequence[str] = ("mlp", "transformer", "gp"),
     variants: Sequence[str] | None = None,
     torch: bool = True,
+    gp_flag: bool = True,
     out: Path | None = None,
 ) -> dict[str, Any]:
     """Runs the benchmark, prints tables and targets, writes JSON and markdown to ``out``.
@@ -436,6 +489,8 @@ def main(
         models: which of ``mlp``, ``transformer``, ``gp`` to run.
         variants: which JAX variants to run (the split always runs); all by default.
         torch: whether to time the PyTorch peer (when torch is installed).
+        gp_flag: whether to run the GP again under ``SEQUENTIAL_FLAG``, in a child
+            process (not when that flag is set already).
         out: folder for ``step.json`` and ``step.md``; nothing is written when None.
 
     Returns:
@@ -470,6 +525,19 @@ def main(
             gc.collect()
             elapsed = time.perf_counter() - t0
             print(f"{plan.spec.title}, {setting.name}: {elapsed:.0f} s", file=sys.stderr)
+    flagged = None
+    if gp_flag and "gp" in models and SEQUENTIAL_FLAG not in os.environ.get("XLA_FLAGS", ""):
+        t0 = time.perf_counter()
+        flagged = run_gp_with_flag(quick=quick, variants=variants)
+        elapsed = time.perf_counter() - t0
+        print(f"GP under {SEQUENTIAL_FLAG}: {elapsed:.0f} s", file=sys.stderr)
+    targets = evaluate_targets(rows, {m for m in models if available[m].tiny})
+    if flagged is not None:
+        targets += [
+            dict(t, target=f"{t['target']} under {SEQUENTIAL_FLAG}")
+            for t in flagged["targets"]
+            if t["target"] == "flax_freeze median time / split"
+        ]
     result = {
         "date": datetime.date.today().isoformat(),
         "quick": quick,
@@ -480,7 +548,8 @@ def main(
         "timed_steps": {m: available[m].rounds * available[m].steps_per_round for m in models},
         "learning_rate": LEARNING_RATE,
         "rows": rows,
-        "targets": evaluate_targets(rows, {m for m in models if available[m].tiny}),
+        "targets": targets,
+        "gp_sequential": flagged,
         "descriptions": {
             k: v for k, v in DESCRIPTIONS.items() if k in chosen or (k == TORCH and peer)
         },
@@ -503,12 +572,29 @@ if __name__ == "__main__":
     )
     parser.add_argument("--no-torch", action="store_true", help="leave out the PyTorch peer")
     parser.add_argument(
+        "--no-gp-flag",
+        action="store_true",
+        help=f"do not run the GP a second time under {SEQUENTIAL_FLAG}",
+    )
+    parser.add_argument(
+        "--chart",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="make the docs' chart and summary table from these runs' step.json, run nothing",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=None,
         help="folder for step.json and step.md (default: benchmarks/results, none with --quick)",
     )
     args = parser.parse_args()
+    if args.chart:
+        import chart
+
+        chart.main(args.chart)
+        sys.exit()
     if args.out is None and not args.quick:
         args.out = Path(__file__).parent / "results"
     main(
@@ -516,5 +602,6 @@ if __name__ == "__main__":
         models=args.models.split(","),
         variants=None if args.variants is None else args.variants.split(","),
         torch=not args.no_torch,
+        gp_flag=not args.no_gp_flag,
         out=args.out,
     )

@@ -3,10 +3,10 @@
 Host time is the time a call takes to return, with every step before it
 finished (its loss and all the state it wrote): what Python and JAX's dispatch
 cost before XLA runs the step, which on a big model runs on asynchronously.
-Three ways to run the same training
-step (``ff.value_and_grad`` and ``ff.Optimizer.update``, Adam, the same frozen
-parameters) are timed in interleaved rounds, each round in a fresh random
-order, with the garbage collector off:
+Four ways to run the same training step (``ff.value_and_grad`` and
+``ff.Optimizer.update``, Adam, the same frozen parameters) are timed in
+interleaved rounds, each round in a fresh random order, with the garbage
+collector off:
 
 * **TrainStep**: ``loss = step(x, y)``, the model and optimizer objects
   current after every call;
@@ -14,8 +14,10 @@ order, with the garbage collector off:
   over the same arrays (trainable parameters and optimizer state donated,
   frozen parameters a separate argument), its state kept in a Python list:
   no model object is kept current;
-* **@nnx.jit**: the README's step in graph mode, which walks the module graph
-  in Python on every call.
+* **@nnx.jit**: the same step under ``@nnx.jit`` in graph mode (the simple
+  alternative), which walks the module graph in Python on every call;
+* **nnx.cached_partial**: that ``@nnx.jit`` step with the model and optimizer
+  bound by ``nnx.cached_partial``, which caches the graph traversal.
 
 It prints the medians and lower quartiles (a shared machine slows some calls
 of every variant alike), their ratios, and what a TrainStep call costs on top
@@ -25,7 +27,8 @@ arrays from the variables, checking that no donated array is held elsewhere,
 putting the new ones back (with the slot write TrainStep uses, and with the
 public ``get_raw_value``/``set_raw_value`` for comparison), the check for
 freeze and structure changes, and one new split.
-It also compares XLA's memory analysis of the three compiled steps.
+It also compares XLA's memory analysis of the compiled steps
+(``nnx.cached_partial`` runs the ``@nnx.jit`` program).
 
     python benchmarks/train_step_host.py [--quick] [--models mlp,transformer] [--out DIR]
 """
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import datetime
 import gc
 import json
 import os
@@ -54,11 +58,13 @@ from _models import Setting, Spec, encoder_spec, mlp_spec
 from flax import nnx
 
 import flax_freeze as ff
-from flax_freeze._train_step import TrainStep, _slot
+from flax_freeze._compat import raw_slot
+from flax_freeze._train_step import TrainStep
 
 TRAIN_STEP = "TrainStep"
 BARE = "bare jax.jit"
 NNX_JIT = "@nnx.jit"
+CACHED = "nnx.cached_partial"
 #: Targets: TrainStep within this factor of the bare call, @nnx.jit at least this factor slower.
 BARE_TARGET = 1.2
 NNX_TARGET = 3.0
@@ -106,9 +112,12 @@ class Bare:
 
 
 def nnx_jit(
-    spec: Spec, setting: Setting
+    spec: Spec, setting: Setting, *, cached: bool = False
 ) -> tuple[Callable[..., Any], Callable[..., Any], Callable[[], Any]]:
-    """The README's ``@nnx.jit`` step, bound to its model: ``(call, lower, state)``."""
+    """The ``@nnx.jit`` step, bound to its model: ``(call, lower, state)``.
+
+    With ``cached`` the call is ``nnx.cached_partial(step, model, optimizer)``.
+    """
     model, optimizer = build(spec, setting)
     loss_fn = spec.loss_fn
 
@@ -118,8 +127,9 @@ def nnx_jit(
         optimizer.update(model, grads)
         return loss
 
+    call = nnx.cached_partial(step, model, optimizer) if cached else None
     return (
-        lambda x, y: step(model, optimizer, x, y),
+        call if call is not None else (lambda x, y: step(model, optimizer, x, y)),
         lambda x, y: step.lower(model, optimizer, x, y),
         lambda: nnx.state((model, optimizer)),
     )
@@ -172,7 +182,7 @@ def median_us(fn: Callable[[], Any], repeat: int) -> float:
 def parts(step: TrainStep, repeat: int) -> dict[str, float]:
     """What a TrainStep call does besides the jitted call, each part timed alone (µs)."""
     split = step._current()
-    get, set_slot = _slot()
+    get, set_slot = raw_slot()
     donated = list(map(get, split.donated))
 
     def read() -> Any:
@@ -236,6 +246,7 @@ def run_model(spec: Spec, setting: Setting, *, rounds: int, repeat: int) -> dict
     step = TrainStep(model, optimizer, spec.loss_fn)
     bare = Bare(spec, setting)
     nnx_call, nnx_lower, nnx_state = nnx_jit(spec, setting)
+    cached_call, _, cached_state = nnx_jit(spec, setting, cached=True)
     memories = {
         TRAIN_STEP: memory(step.lower(x, y)),
         BARE: memory(bare.lower(x, y)),
@@ -245,6 +256,7 @@ def run_model(spec: Spec, setting: Setting, *, rounds: int, repeat: int) -> dict
         TRAIN_STEP: lambda: step(x, y),
         BARE: lambda: bare(x, y),
         NNX_JIT: lambda: nnx_call(x, y),
+        CACHED: lambda: cached_call(x, y),
     }
     losses = {}
     for name, call in calls.items():  # compile, then one warm step
@@ -254,6 +266,7 @@ def run_model(spec: Spec, setting: Setting, *, rounds: int, repeat: int) -> dict
         TRAIN_STEP: lambda: nnx.state((model, optimizer)),
         BARE: lambda: bare.rest,
         NNX_JIT: nnx_state,
+        CACHED: cached_state,
     }
     times = time_host(calls, states, rounds)
     medians = {name: float(np.median(t)) for name, t in times.items()}
@@ -274,6 +287,7 @@ def run_model(spec: Spec, setting: Setting, *, rounds: int, repeat: int) -> dict
         "p25_us": {k: v * 1e6 for k, v in quartiles.items()},
         "train_step_over_bare": medians[TRAIN_STEP] / medians[BARE],
         "nnx_jit_over_train_step": medians[NNX_JIT] / medians[TRAIN_STEP],
+        "cached_over_train_step": medians[CACHED] / medians[TRAIN_STEP],
         "p25_train_step_over_bare": quartiles[TRAIN_STEP] / quartiles[BARE],
         "p25_nnx_jit_over_train_step": quartiles[NNX_JIT] / quartiles[TRAIN_STEP],
         "timed_calls": rounds,
@@ -290,17 +304,19 @@ def markdown(results: list[dict[str, Any]]) -> str:
         "other work slow some calls of every variant alike, and the lower quartile "
         "shows the cost of the call itself.",
         "",
-        f"| model | setting | {TRAIN_STEP} | {BARE} | {NNX_JIT} "
-        f"| {TRAIN_STEP} / bare | {NNX_JIT} / {TRAIN_STEP} |",
-        "|---|---|--:|--:|--:|--:|--:|",
+        f"| model | setting | {TRAIN_STEP} | {BARE} | {NNX_JIT} | {CACHED} "
+        f"| {TRAIN_STEP} / bare | {NNX_JIT} / {TRAIN_STEP} | {CACHED} / {TRAIN_STEP} |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in results:
         m, q = r["median_us"], r["p25_us"]
+        ways = (TRAIN_STEP, BARE, NNX_JIT, CACHED)
         lines.append(
             f"| {r['title']} | {r['setting']} "
-            + " ".join(f"| {m[k]:,.0f} ({q[k]:,.0f})" for k in (TRAIN_STEP, BARE, NNX_JIT))
+            + " ".join(f"| {m[k]:,.0f} ({q[k]:,.0f})" for k in ways)
             + f" | {r['train_step_over_bare']:.3f} ({r['p25_train_step_over_bare']:.3f}) "
-            f"| {r['nnx_jit_over_train_step']:.1f} ({r['p25_nnx_jit_over_train_step']:.1f}) |"
+            f"| {r['nnx_jit_over_train_step']:.1f} ({r['p25_nnx_jit_over_train_step']:.1f}) "
+            f"| {r['cached_over_train_step']:.1f} |"
         )
     lines += ["", "### What a TrainStep call adds, part by part (µs, median)", ""]
     names = list(results[0]["parts_us"])
@@ -396,6 +412,7 @@ def main(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         meta = {
+            "date": datetime.date.today().isoformat(),
             "python": platform.python_version(),
             "jax": jax.__version__,
             "flax": flax.__version__,

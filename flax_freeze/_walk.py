@@ -127,11 +127,8 @@ def key_impl(value: Any) -> str:
 
 
 def is_box_chain(x: Any) -> bool:
-    """A Linen parameter in boxes: ``AxisMetadata`` boxes around one array or number."""
-    if not isinstance(x, meta.AxisMetadata):
-        return False
-    leaves = jax.tree_util.tree_leaves(x)
-    return len(leaves) == 1 and is_tree_leaf(leaves[0])
+    """A Linen parameter in boxes: ``AxisMetadata`` boxes around one value (an array, mostly)."""
+    return isinstance(x, meta.AxisMetadata) and len(jax.tree_util.tree_leaves(x)) == 1
 
 
 def in_box(box: Any, value: Any) -> Any:

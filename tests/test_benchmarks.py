@@ -1,24 +1,15 @@
 """Smoke tests for benchmarks/: tiny sizes, correctness checks and output format, no timings."""
 
 import json
-import sys
-from pathlib import Path
+import xml.etree.ElementTree as ET
 
-import jax
-import jax.numpy as jnp
+import _models  # pyright: ignore[reportMissingImports]
+import _variants  # pyright: ignore[reportMissingImports]
+import chart  # pyright: ignore[reportMissingImports]
 import numpy as np
-import optax
 import pytest
-from flax import nnx
-
-import flax_freeze as ff
-
-sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
-
-import _models  # noqa: E402  # pyright: ignore[reportMissingImports]
-import _variants  # noqa: E402  # pyright: ignore[reportMissingImports]
-import step  # noqa: E402  # pyright: ignore[reportMissingImports]
-from fast_step import TrainStep  # noqa: E402  # pyright: ignore[reportMissingImports]
+import step  # pyright: ignore[reportMissingImports]
+import train_step_host  # pyright: ignore[reportMissingImports]
 
 HAS_TORCH = step.torch_peer() is not None
 DETERMINISTIC_TARGETS = {
@@ -32,7 +23,7 @@ DETERMINISTIC_TARGETS = {
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
-    result = step.main(quick=True, models=("mlp", "gp"), out=out, torch=HAS_TORCH)
+    result = step.main(quick=True, models=("mlp", "gp"), out=out, torch=HAS_TORCH, gp_flag=False)
     return result, out
 
 
@@ -98,12 +89,16 @@ def test_quick_run_writes_json_and_markdown(quick_run):
     assert saved["machine"]["cores"] >= 1
     assert saved["machine"]["cpu"]
     assert saved["timed_steps"] == {"mlp": 4, "gp": 4}
+    assert saved["gp_sequential"] is None
     text = (out / "step.md").read_text()
     assert text == step.markdown(result)
     assert "Quick smoke run" in text
     assert text.count("| setting | variant | GFLOP | FLOPs × split |") == 2
     assert "| linear probe | flax_freeze |" in text
     assert "| lengthscales frozen | flax_freeze pytree |" in text
+    assert "| lengthscales frozen | split + step count |" in text
+    assert "| linear probe | flax_freeze nnx.jit |" in text
+    assert "side by side" not in text
     assert "### Targets" in text
     assert "**met**: flax_freeze FLOPs / split — mlp" in text
 
@@ -114,7 +109,13 @@ def test_transformer_variants_agree():
     spec = plan.spec
     chosen = next(s for s in spec.settings if s.name == setting)
     init = {k: np.asarray(v) for k, v in _models.param_paths(spec.build())}
-    names = [_variants.SPLIT, _variants.FLAX_FREEZE, _variants.NNX, _variants.STOP]
+    names = [
+        _variants.SPLIT,
+        _variants.FLAX_FREEZE,
+        _variants.NNX,
+        _variants.STOP,
+        _variants.NNX_JIT,
+    ]
     peer = step.torch_peer() if HAS_TORCH else None
     rows = step.run_setting(plan, chosen, init, variants=names, peer=peer)
     assert [r["variant"] for r in rows] == names + ([_variants.TORCH] if HAS_TORCH else [])
@@ -180,46 +181,138 @@ def test_settings_freeze_what_their_names_say():
     assert frozen["nothing frozen"] == set()
 
 
-class _Net(nnx.Module):
-    def __init__(self):
-        self.body = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
-        self.head = nnx.Linear(4, 1, rngs=nnx.Rngs(1))
-
-    def __call__(self, x):
-        return self.head(jnp.tanh(self.body(x)))
-
-
-def _loss(model, x, y):
-    return ((model(x) - y) ** 2).mean()
-
-
-def test_train_step_trains_keeps_frozen_weights_and_writes_back():
-    model = ff.freeze(_Net(), ff.PathRegex("body/.*"))
-    optimizer = ff.Optimizer(model, optax.adam(0.05))
-    body = np.asarray(model.body.kernel[...])
-    x = jax.random.normal(jax.random.key(0), (16, 3))
-    y = jax.random.normal(jax.random.key(1), (16, 1))
-    train = TrainStep(model, optimizer, _loss)
-    losses = [float(train(x, y)) for _ in range(30)]
-    assert losses[-1] < losses[0]
-    train.write_back()
-    assert float(_loss(model, x, y)) < losses[0]
-    assert np.array_equal(np.asarray(model.body.kernel[...]), body)
-    assert sorted(optimizer.opt_state[0].mu.keys()) == ["head"]
-
-    ff.unfreeze(model)
-    train = TrainStep(model, optimizer, _loss)  # migrates the optimizer state
-    assert sorted(optimizer.opt_state[0].mu.keys()) == ["body", "head"]
-    for _ in range(5):
-        train(x, y)
-    train.write_back()
-    assert not np.array_equal(np.asarray(model.body.kernel[...]), body)
+def test_gp_runs_again_under_the_sequential_scheduler_flag(tmp_path):
+    variants = (_variants.FLAX_FREEZE,)
+    result = step.main(quick=True, models=("gp",), variants=variants, torch=False, out=tmp_path)
+    flagged = result["gp_sequential"]
+    assert flagged["xla_flags"].split()[-1] == step.SEQUENTIAL_FLAG
+    keys = [(r["model"], r["setting"], r["variant"]) for r in result["rows"]]
+    assert [(r["model"], r["setting"], r["variant"]) for r in flagged["rows"]] == keys
+    assert keys == [
+        ("gp", setting, variant)
+        for setting in ("lengthscales frozen", "nothing frozen")
+        for variant in (_variants.SPLIT, _variants.FLAX_FREEZE)
+    ]
+    assert all(r["check"]["ok"] for r in flagged["rows"])
+    under = [t for t in result["targets"] if t["target"].endswith(step.SEQUENTIAL_FLAG)]
+    assert [(t["target"], t["setting"]) for t in under] == [
+        (f"flax_freeze median time / split under {step.SEQUENTIAL_FLAG}", setting)
+        for setting in ("lengthscales frozen", "nothing frozen")
+    ]
+    text = (tmp_path / "step.md").read_text()
+    header = f"### GP: default XLA flags and `{flagged['xla_flags']}` side by side"
+    table = text.split(header)[1].split("### Targets")[0].strip().splitlines()
+    assert table[0] == (
+        "| setting | variant | median ms | time × split | median ms, flag | time × split, flag |"
+    )
+    assert [line.split(" | ")[:2] for line in table[2:]] == [
+        ["| " + setting, variant]
+        for setting in ("lengthscales frozen", "nothing frozen")
+        for variant in (_variants.SPLIT, _variants.FLAX_FREEZE)
+    ]
+    assert json.loads((tmp_path / "step.json").read_text())["gp_sequential"] == flagged
 
 
-def test_train_step_state_is_the_split_state():
-    model = ff.freeze(_Net(), ff.PathRegex("body/.*"))
-    optimizer = ff.Optimizer(model, optax.sgd(0.1))
-    train = TrainStep(model, optimizer, _loss)
-    state = train.state()
-    assert isinstance(state, nnx.State)
-    assert jax.tree.structure(state) == jax.tree.structure(nnx.state((model, optimizer)))
+def _second_run(first, factor):
+    """A copy of a run's results with every time × ``factor`` and another date."""
+    second = json.loads(json.dumps(first))
+    second["date"] = "2099-01-01"
+    for row in second["rows"]:
+        row["time_ratio"] *= factor
+        row["median_s"] *= factor
+    gp = [r for r in second["rows"] if r["model"] == "gp"]
+    second["gp_sequential"] = {"xla_flags": step.SEQUENTIAL_FLAG, "rows": gp}
+    return second
+
+
+def test_chart_and_summary_from_two_runs(quick_run, tmp_path):
+    result, out = quick_run
+    (tmp_path / "b.json").write_text(json.dumps(_second_run(result, 2.0)))
+    paths = [out / "step.json", tmp_path / "b.json"]
+    svg, summary = tmp_path / "chart.svg", tmp_path / "summary.md"
+    chart.main(paths, svg_path=svg, summary_path=summary)
+
+    text = svg.read_text()
+    assert text == chart.svg(chart.load(paths))  # the same bytes for the same runs
+    root = ET.fromstring(text)
+    labels = {"".join(t.itertext()).strip() for t in root.iter("{http://www.w3.org/2000/svg}text")}
+    assert {
+        "MLP 4x64: step time × split",
+        "MLP 4x64: FLOPs (XLA) × split",
+        "GP: step time × split",
+        "GP: FLOPs (XLA) × split",
+        "split + step count",
+        "flax_freeze nnx.jit",
+        "GP under --xla_cpu_enable_concurrency_optimized_scheduler=false",
+    } <= labels
+
+    rows = {(r["model"], r["setting"], r["variant"]): r for r in result["rows"]}
+
+    def span(model, setting, variant):
+        a = rows[(model, setting, variant)]["time_ratio"]
+        return f"{a:.2f}–{2 * a:.2f}×"
+
+    lines = summary.read_text().splitlines()
+    assert lines[0].startswith("2 runs (2099-01-01, ")
+    assert lines[2] == (
+        "| model | setting | split, ms | flax_freeze | @nnx.jit | multi_transform + clip, FLOPs |"
+    )
+    probe = rows[("mlp", "linear probe", _variants.MULTI_CLIP)]["flops_ratio"]
+    assert lines[4].split(" | ")[3:] == [
+        span("mlp", "linear probe", _variants.FLAX_FREEZE),
+        span("mlp", "linear probe", _variants.NNX_JIT),
+        f"{probe:.2f}× |",
+    ]
+    assert len([line for line in lines if line.startswith("| MLP 4x64 |")]) == 3
+    assert len([line for line in lines if line.startswith("| GP |")]) == 2
+    flag_table = lines[lines.index("| setting | split, µs | split + step count | flax_freeze |") :]
+    ff_default = span("gp", "lengthscales frozen", _variants.FLAX_FREEZE)
+    ff_under = (
+        f"{2 * rows[('gp', 'lengthscales frozen', _variants.FLAX_FREEZE)]['time_ratio']:.2f}×"
+    )
+    assert flag_table[2].startswith("| lengthscales frozen | ")
+    assert flag_table[2].endswith(f" | {ff_default} → {ff_under} |")
+
+
+def test_chart_refuses_runs_that_do_not_compare(quick_run, tmp_path):
+    result, out = quick_run
+    other = json.loads(json.dumps(result))
+    other["rows"] = [r for r in other["rows"] if r["model"] != "gp"]
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match=r"other\.json is not comparable with .*step\.json"):
+        chart.load([out / "step.json", tmp_path / "other.json"])
+    with pytest.raises(ValueError, match=r"`paths` is empty"):
+        chart.load([])
+
+
+def test_train_step_host_quick_run_writes_its_results(tmp_path):
+    results = train_step_host.main(quick=True, models=("mlp",), out=tmp_path)
+    saved = json.loads((tmp_path / "train_step_host.json").read_text())
+    assert saved["results"] == json.loads(json.dumps(results))
+    assert saved["machine"]["quick"] is True
+    (r,) = saved["results"]
+    assert (r["model"], r["setting"], r["timed_calls"]) == ("mlp", "bottom half frozen", 3)
+    # 4 trainable params (2 layers) + 2 of the head; Adam's mu and nu for those; two counters.
+    assert r["arrays"]["donated"] == 6 + 12 + 2
+    assert r["arrays"]["frozen"] == 4
+    assert r["first_losses_equal"] is True
+    ways = [train_step_host.TRAIN_STEP, train_step_host.BARE, train_step_host.NNX_JIT]
+    assert list(r["median_us"]) == list(r["p25_us"]) == [*ways, train_step_host.CACHED]
+    assert list(r["memory"]) == ways  # nnx.cached_partial runs the @nnx.jit program
+    assert all(v > 0 for v in r["median_us"].values())
+    assert list(r["parts_us"]) == [
+        "arrays read (slot, as TrainStep does)",
+        "arrays read (public get_raw_value)",
+        "check that no donated array is held elsewhere",
+        "arrays written back (slot, as TrainStep does)",
+        "arrays written back (public set_raw_value)",
+        "change check (freeze count + structure)",
+        "one new split (after a change)",
+    ]
+    memory = r["memory"]
+    assert memory[train_step_host.TRAIN_STEP] == memory[train_step_host.BARE]
+    assert memory[train_step_host.NNX_JIT]["alias"] == 0  # nnx.jit donates nothing
+    assert (
+        memory[train_step_host.TRAIN_STEP]["alias"] == memory[train_step_host.TRAIN_STEP]["output"]
+    )
+    assert r["train_step_over_bare"] == r["median_us"]["TrainStep"] / r["median_us"]["bare jax.jit"]

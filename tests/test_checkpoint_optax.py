@@ -1,22 +1,13 @@
 """Plain optax state restored with its pytree model when the frozen sets differ."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import RBF
 
 import flax_freeze as ff
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class RBF:
-    variance: jax.Array
-    lengthscale: jax.Array
-
 
 TX = optax.adam(0.1)
 

@@ -1,13 +1,11 @@
 """Every Python block of the documentation runs and prints what its page shows."""
 
-import sys
 from pathlib import Path
 
+import _run_code as run_code
 import pytest
 
 DOCS = Path(__file__).parent.parent / "docs"
-sys.path.insert(0, str(DOCS))
-import _run_code as run_code  # noqa: E402
 
 PAGES = sorted(p for p in DOCS.rglob("*.md") if run_code.blocks(p))
 

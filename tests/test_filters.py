@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 from flax import nnx
+from helpers import param_types
 
 import flax_freeze as ff
 from flax_freeze import linen as ffl
@@ -106,7 +107,7 @@ def test_path_regex_equality_covers_pattern_flags_and_sep():
 def test_path_regex_with_sep_selects_in_a_model():
     model = nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), nnx.Linear(2, 2, rngs=nnx.Rngs(1)))
     ff.freeze(model, ff.PathRegex(r"layers\.1\..*", sep="."))
-    assert types(model) == {
+    assert param_types(model) == {
         "layers/0/kernel": "Param",
         "layers/0/bias": "Param",
         "layers/1/kernel": "FrozenParam",
@@ -160,14 +161,6 @@ class Net(nnx.Module):
         self.head = nnx.Linear(2, 1, rngs=rngs)
 
 
-def types(node):
-    return {
-        "/".join(map(str, p)): type(v).__name__
-        for p, v in nnx.iter_graph(node, graph=True)
-        if isinstance(v, nnx.Param | ff.FrozenParam)
-    }
-
-
 NOTHING = [
     pytest.param(nnx.Nothing(), id="instance"),
     pytest.param(nnx.Nothing, id="class"),
@@ -178,13 +171,13 @@ NOTHING = [
 @pytest.mark.parametrize("nothing", NOTHING)
 def test_nothing_is_a_no_op_for_freeze_unfreeze_and_freezing(nothing):
     model = ff.freeze(Net(nnx.Rngs(0)), ff.PathRegex("body/.*"))
-    before = types(model)
+    before = param_types(model)
     assert ff.freeze(model, nothing) is model
     assert ff.unfreeze(model, nothing) is model
     with ff.freezing(model, nothing) as inner:
         assert inner is model
-        assert types(model) == before
-    assert types(model) == before
+        assert param_types(model) == before
+    assert param_types(model) == before
     tree = {"w": jnp.ones(2)}
     assert ff.freeze(tree, nothing) is tree
 
@@ -222,22 +215,22 @@ def test_none_still_raises_and_says_what_to_pass():
 
 def test_a_plain_string_is_a_path_regex_in_freeze_unfreeze_and_freezing():
     model = ff.freeze(Net(nnx.Rngs(0)), "head/.*")
-    assert types(model) == {
+    assert param_types(model) == {
         "body/kernel": "Param",
         "body/bias": "Param",
         "head/kernel": "FrozenParam",
         "head/bias": "FrozenParam",
     }
     ff.unfreeze(model, "head/bias")
-    assert types(model)["head/bias"] == "Param"
+    assert param_types(model)["head/bias"] == "Param"
     with ff.freezing(model, ["body/kernel", nnx.PathContains("bias")]):
-        assert types(model) == {
+        assert param_types(model) == {
             "body/kernel": "FrozenParam",
             "body/bias": "FrozenParam",
             "head/kernel": "FrozenParam",
             "head/bias": "FrozenParam",
         }
-    assert types(model)["body/kernel"] == "Param"
+    assert param_types(model)["body/kernel"] == "Param"
 
 
 def test_a_plain_string_selects_the_same_in_ff_and_ffl():
@@ -259,7 +252,7 @@ def test_a_plain_string_selects_the_same_in_ff_and_ffl():
             if isinstance(_, ffl.FrozenBox)
         }
         with ff.freezing(model, pattern):
-            nnx_frozen = {p for p, t in types(model).items() if t == "FrozenParam"}
+            nnx_frozen = {p for p, t in param_types(model).items() if t == "FrozenParam"}
         assert nnx_frozen == linen_frozen, pattern
 
 
@@ -277,7 +270,7 @@ def test_a_string_that_is_a_tag_raises_even_with_missing_ok():
         ):
             ff.freeze(model, "probe", missing_ok=missing_ok)
     ff.freeze(model, nnx.WithTag("probe"))
-    assert types(model)["head/kernel"] == "FrozenParam"
+    assert param_types(model)["head/kernel"] == "FrozenParam"
 
 
 def test_a_string_that_matches_nothing_names_both_fixes():

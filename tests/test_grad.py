@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import flops
 
 import flax_freeze as ff
 
@@ -537,13 +538,6 @@ def mse(model: nnx.Module, x: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.mean((model(x) - y) ** 2)
 
 
-def compiled_flops(fn: Callable[..., Any], *args: Any) -> float:
-    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
-    if isinstance(analysis, list | tuple):
-        analysis = analysis[0]
-    return float(analysis["flops"])
-
-
 TX = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
 
 
@@ -599,13 +593,13 @@ def test_flops_equal_the_hand_written_split(
     full_opt_state = TX.init(every_param) if with_optax else None
 
     if entry == "split-merge":
-        ours_flops = compiled_flops(ours_split_merge, state, opt_state, x, y)
+        ours_flops = flops(ours_split_merge, state, opt_state, x, y)
     else:
-        ours_flops = compiled_flops(ours, model, opt_state, x, y)
-    split_flops = compiled_flops(
+        ours_flops = flops(ours, model, opt_state, x, y)
+    split_flops = flops(
         lambda d, r, o, x, y: by_hand(split_def, d, r, o, x, y), trainable, rest, opt_state, x, y
     )
-    full_flops = compiled_flops(
+    full_flops = flops(
         lambda d, r, o, x, y: by_hand(full_def, d, r, o, x, y),
         every_param,
         full_rest,

@@ -1,30 +1,24 @@
 """ff.grad, freeze/unfreeze and FrozenParam as a marker in arbitrary pytrees."""
 
-import dataclasses
-import sys
 import typing
-from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx, struct
+from helpers import ADAMW, FROZEN0, RBF, Net, assert_same, flops, loss_fn
 
 import flax_freeze as ff
+from flax_freeze import linen as ffl
+from flax_freeze._filters import path_str
 
 
 class View(typing.NamedTuple):
     parameter: typing.Any
     num_data: typing.Any
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class RBF:
-    variance: typing.Any
-    lengthscale: typing.Any
 
 
 @struct.dataclass
@@ -67,6 +61,38 @@ def test_stop_frozen_keeps_structure_and_metadata():
     assert out["a"] is tree["a"]
     assert type(out["b"]) is ff.FrozenParam
     assert out["b"].get_metadata()["note"] == "x"
+
+
+def test_stop_frozen_on_linen_frozen_boxes_gives_plain_jax_grad_a_zero():
+    ones = nn.initializers.ones
+    model = nn.Sequential(
+        [
+            nn.Dense(4, kernel_init=ffl.frozen(ones)),
+            nn.Dense(2, kernel_init=ffl.frozen(nn.with_partitioning(ones, (None, "model")))),
+        ]
+    )
+    x = jnp.ones((1, 3))
+    params = model.init(jax.random.key(0), x)["params"]
+
+    def loss(p):  # h = [3, 3, 3, 3], out = [12, 12]
+        return model.apply({"params": p}, x).sum()
+
+    plain = jax.grad(loss)(params)  # a box is a pytree node: its value is differentiated
+    np.testing.assert_array_equal(nn.unbox(plain["layers_0"]["kernel"]), np.full((3, 4), 2.0))
+    np.testing.assert_array_equal(nn.unbox(plain["layers_1"]["kernel"]), np.full((4, 2), 3.0))
+    stopped = jax.grad(lambda p: loss(ff.stop_frozen(p)))(params)
+    assert jax.tree.structure(stopped) == jax.tree.structure(params)  # boxes and names kept
+    assert type(stopped["layers_1"]["kernel"]) is ffl.FrozenBox
+    assert stopped["layers_1"]["kernel"].value.names == (None, "model")
+    np.testing.assert_array_equal(nn.unbox(stopped["layers_0"]["kernel"]), np.zeros((3, 4)))
+    np.testing.assert_array_equal(nn.unbox(stopped["layers_1"]["kernel"]), np.zeros((4, 2)))
+    np.testing.assert_array_equal(stopped["layers_0"]["bias"], [2.0] * 4)
+    np.testing.assert_array_equal(stopped["layers_1"]["bias"], [1.0] * 2)
+    grads = ff.grad(loss)(params)  # what ff.grad gives without building the zeros
+    assert grads["layers_0"]["kernel"] is None
+    assert grads["layers_1"]["kernel"] is None
+    np.testing.assert_array_equal(grads["layers_0"]["bias"], stopped["layers_0"]["bias"])
+    np.testing.assert_array_equal(grads["layers_1"]["bias"], stopped["layers_1"]["bias"])
 
 
 # ---------------------------------------------------------------------------------------
@@ -176,6 +202,61 @@ def test_optax_step_on_a_pytree_never_moves_frozen_values():
     np.testing.assert_array_equal(np.asarray(tree["f"][...]), [5.0])
     assert tree["n"] == 4
     assert not np.allclose(np.asarray(tree["w"]), [1.0, -1.0])
+
+
+X = jax.random.normal(jax.random.key(0), (16, 3))
+Y = jax.random.normal(jax.random.key(1), (16, 2))
+
+
+def test_trainable_tree_of_a_module_drives_a_plain_optax_loop_like_nnx_state():
+    model, twin = ff.freeze(Net(0), FROZEN0), ff.freeze(Net(0), FROZEN0)
+    tree = ff.trainable_tree(model)
+    assert isinstance(tree, nnx.State)
+    assert {path_str(p) for p, _ in nnx.to_flat_state(tree)} == {
+        "layers/1/bias",
+        "layers/1/kernel",
+        "norm/bias",
+        "norm/scale",
+    }
+    assert tree["layers"][1]["kernel"] is model.layers[1].kernel
+    frozen = np.array(model.layers[0].kernel[...])
+    opt_state = ADAMW.init(ff.trainable_tree(model))
+    ref_state = ADAMW.init(nnx.state(twin, nnx.Param))  # Flax's own loop with plain optax
+    for _ in range(2):
+        grads = ff.grad(loss_fn)(model, X, Y)
+        updates, opt_state = ADAMW.update(grads, opt_state, ff.trainable_tree(model))
+        nnx.update(model, optax.apply_updates(ff.trainable_tree(model), updates))
+        ref_grads = nnx.grad(loss_fn)(twin, X, Y)
+        ref_updates, ref_state = ADAMW.update(ref_grads, ref_state, nnx.state(twin, nnx.Param))
+        nnx.update(twin, optax.apply_updates(nnx.state(twin, nnx.Param), ref_updates))
+    assert jax.tree.structure(opt_state) == jax.tree.structure(ref_state)
+    assert_same(model, twin)  # parameters, batch statistics and RNG state
+    np.testing.assert_array_equal(model.layers[0].kernel[...], frozen)  # despite weight decay
+    assert not np.array_equal(model.layers[1].kernel[...], Net(0).layers[1].kernel[...])
+
+
+def test_trainable_tree_of_a_pytree_holding_a_module_mirrors_its_grads():
+    tree = (ff.freeze(Net(0), FROZEN0), {"w": jnp.ones(2), "f": ff.FrozenParam(jnp.full(2, 3.0))})
+    trainable = ff.trainable_tree(tree)
+    assert isinstance(trainable[0], nnx.State)
+    assert {path_str(p) for p, _ in nnx.to_flat_state(trainable[0])} == {
+        "layers/1/bias",
+        "layers/1/kernel",
+        "norm/bias",
+        "norm/scale",
+    }
+    assert trainable[1]["f"] is None
+    np.testing.assert_array_equal(trainable[1]["w"], [1.0, 1.0])
+
+    def loss(t):
+        return loss_fn(t[0], X * t[1]["w"][0], Y) + (t[1]["w"] * t[1]["f"]).sum()
+
+    grads = ff.grad(loss)(tree)
+    assert jax.tree.structure(grads) == jax.tree.structure(trainable)
+    tx = optax.sgd(0.5)
+    updates, _ = tx.update(grads, tx.init(trainable), trainable)
+    np.testing.assert_array_equal(updates[1]["w"], grads[1]["w"] * -0.5)
+    assert updates[1]["f"] is None
 
 
 def test_apply_updates_keeps_dtype_and_variables():
@@ -295,15 +376,7 @@ def test_retracing_follows_the_frozen_set_not_the_values():
 # The frozen part's backward work is not done
 
 
-def _flops(fn, *args):
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-    if isinstance(cost, list | tuple):
-        cost = cost[0]
-    return cost["flops"]
-
-
 def test_gp_grad_with_frozen_lengthscale_does_no_lengthscale_work():
-    sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
     from gp_kernels import GP, RBF as GPRBF, diabetes, neg_log_marginal_likelihood  # noqa: I001
 
     x, y = diabetes(60)  # small n: the Cholesky (n^3) does not drown the n^2 d kernel work
@@ -315,9 +388,9 @@ def test_gp_grad_with_frozen_lengthscale_does_no_lengthscale_work():
     def closed(variance, noise):  # hand-written: closes over the frozen lengthscale
         return neg_log_marginal_likelihood(GP(GPRBF(variance, ls), noise), x, y)
 
-    f_frozen = _flops(lambda gp: ff.grad(neg_log_marginal_likelihood)(gp, x, y), frozen)
-    f_closed = _flops(jax.grad(closed, argnums=(0, 1)), jnp.array(0.0), jnp.array(0.0))
-    f_trainable = _flops(lambda gp: ff.grad(neg_log_marginal_likelihood)(gp, x, y), trainable)
+    f_frozen = flops(lambda gp: ff.grad(neg_log_marginal_likelihood)(gp, x, y), frozen)
+    f_closed = flops(jax.grad(closed, argnums=(0, 1)), jnp.array(0.0), jnp.array(0.0))
+    f_trainable = flops(lambda gp: ff.grad(neg_log_marginal_likelihood)(gp, x, y), trainable)
     assert f_frozen <= f_closed * 1.001
     assert f_trainable > f_frozen * 1.2, (f_trainable, f_frozen)
 
@@ -327,7 +400,6 @@ def test_gp_grad_with_frozen_lengthscale_does_no_lengthscale_work():
 
 
 def test_gp_example_improves_each_phase_and_keeps_frozen_values(capsys):
-    sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
     import gp_kernels
 
     r = gp_kernels.main(n=80, steps=30)  # asserts inside: frozen values never move

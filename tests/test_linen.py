@@ -1,7 +1,5 @@
 """Linen support: frozen boxes, freeze/unfreeze on dicts, grads, TrainState, the bridge."""
 
-import sys
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -12,6 +10,9 @@ import optax
 import pytest
 from flax import nnx
 from flax.training import train_state
+from helpers import flops
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import flax_freeze as ff
 from flax_freeze import linen as ffl
@@ -94,6 +95,109 @@ def test_frozen_box_forwards_axis_changes_under_scan():
     kernel = v["params"]["Dense_0"]["kernel"]
     assert type(kernel) is ffl.FrozenBox
     assert kernel.get_partition_spec() == jax.sharding.PartitionSpec("layers", "a", "b")
+
+
+# nn.scan and nn.vmap stack the copies of a layer along a new first axis, named "stack"
+# in the partitioning and on the mesh.
+STACK = {nn.PARTITION_NAME: "stack"}
+BOX_KINDS = pytest.mark.parametrize("kind", ["bare", "frozen-outside", "frozen-inside"])
+
+
+def stack_mesh():
+    return jax.make_mesh((2, 4), ("stack", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def frozen_kernel_init(kind):
+    """A frozen kernel: a bare box, or one outside or inside a (None, 'model') partitioning."""
+    init = nn.initializers.ones
+    if kind == "bare":
+        return ffl.frozen(init)
+    if kind == "frozen-outside":
+        return ffl.frozen(nn.with_partitioning(init, (None, "model")))
+    return nn.with_partitioning(ffl.frozen(init), (None, "model"))
+
+
+def on_a_mesh(model, x, *args):
+    """Sharded init from nn.get_sharding, then jitted apply and ff.grad, as in Flax's guide."""
+    mesh = stack_mesh()
+    with jax.set_mesh(mesh):
+        abstract = jax.eval_shape(model.init, jax.random.key(0), x, *args)
+        shardings = nn.get_sharding(abstract, mesh)
+        variables = jax.jit(model.init, out_shardings=shardings)(jax.random.key(0), x, *args)
+        out = jax.jit(model.apply)(variables, x, *args)
+
+        def loss(params):  # the sum of the output (of a scan: of its carry)
+            return jnp.sum(jax.tree.leaves(model.apply({"params": params}, x, *args))[0])
+
+        grads = jax.jit(ff.grad(loss))(variables["params"])
+    return mesh, shardings["params"], variables["params"], out, grads
+
+
+def stacked_spec(kind):
+    return P() if kind == "bare" else P("stack", None, "model")
+
+
+@BOX_KINDS
+def test_frozen_kernels_under_scan_are_sharded_applied_and_not_differentiated(kind):
+    class Layer(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            kernel_init, bias_init = frozen_kernel_init(kind), nn.initializers.ones
+            return nn.Dense(8, kernel_init=kernel_init, bias_init=bias_init)(x), None
+
+    scanned = nn.scan(
+        Layer,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        length=2,
+        metadata_params=STACK,
+    )
+    mesh, shardings, params, (out, _), grads = on_a_mesh(scanned(), jnp.ones((2, 8)), None)
+    kernel = params["Dense_0"]["kernel"]
+    assert ffl.FrozenBox in {type(kernel), type(kernel.unbox())}
+    assert nn.unbox(kernel).shape == (2, 8, 8)
+    sharding = NamedSharding(mesh, stacked_spec(kind))
+    assert shardings["Dense_0"]["kernel"] == sharding
+    assert nn.unbox(kernel).sharding == sharding
+    np.testing.assert_array_equal(out, np.full((2, 8), 73.0))  # 8 * (8 * 1 + 1) + 1
+    assert grads["Dense_0"]["kernel"] is None
+    np.testing.assert_array_equal(grads["Dense_0"]["bias"], [[16.0] * 8, [2.0] * 8])
+
+
+@BOX_KINDS
+def test_frozen_kernels_under_vmap_are_sharded_applied_and_not_differentiated(kind):
+    stacked = nn.vmap(
+        nn.Dense,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=None,
+        axis_size=2,
+        metadata_params=STACK,
+    )
+    model = stacked(8, kernel_init=frozen_kernel_init(kind), bias_init=nn.initializers.ones)
+    mesh, shardings, params, out, grads = on_a_mesh(model, jnp.ones((1, 8)))
+    kernel = params["kernel"]
+    assert ffl.FrozenBox in {type(kernel), type(kernel.unbox())}
+    assert nn.unbox(kernel).shape == (2, 8, 8)
+    sharding = NamedSharding(mesh, stacked_spec(kind))
+    assert shardings["kernel"] == sharding
+    assert nn.unbox(kernel).sharding == sharding
+    np.testing.assert_array_equal(out, np.full((2, 1, 8), 9.0))  # 8 * 1 + 1
+    assert grads["kernel"] is None
+    np.testing.assert_array_equal(grads["bias"], np.ones((2, 8)))
+
+
+def test_dense_general_reshapes_a_frozen_kernel_inside_its_box():
+    # DenseGeneral (and attention, built on it) re-boxes its reshaped kernel.
+    dense = nn.DenseGeneral((2, 3), kernel_init=ffl.frozen(nn.initializers.ones))
+    x = jnp.ones((1, 4))
+    params = dense.init(jax.random.key(0), x)["params"]
+    assert type(params["kernel"]) is ffl.FrozenBox
+    assert params["kernel"].value.shape == (4, 2, 3)
+    np.testing.assert_array_equal(dense.apply({"params": params}, x), np.full((1, 2, 3), 4.0))
+    grads = ff.grad(lambda p: dense.apply({"params": p}, x).sum())(params)
+    assert grads["kernel"] is None
+    np.testing.assert_array_equal(grads["bias"], np.ones((2, 3)))
 
 
 # --------------------------------------------------------------------------- freeze / unfreeze
@@ -222,6 +326,42 @@ def test_ffl_grad_rejects_a_params_dict():
         ffl.grad(lambda p: 0.0)(init()["params"])
 
 
+def test_ffl_value_and_grad_and_grad_with_a_tuple_of_argnums():
+    head = nn.Dense(3)
+    net_vars = init()  # body/kernel declared frozen
+    head_vars = ffl.freeze(head.init(jax.random.key(1), jnp.ones((1, 2))), "params/kernel")
+
+    def loss(net_vars, head_vars, x):
+        return jnp.mean(head.apply(head_vars, Net().apply(net_vars, x, train=False)) ** 2)
+
+    value, (g_net, g_head) = ffl.value_and_grad(loss, argnums=(0, 1))(net_vars, head_vars, X)
+    # The reference: plain jax.grad over every unboxed parameter, frozen ones included.
+    plain_net, plain_head = nn.unbox(ffl.unfreeze(net_vars)), ffl.unfreeze(head_vars)
+    ref_value, (ref_net, ref_head) = jax.value_and_grad(
+        lambda n, h: loss({**plain_net, "params": n}, {"params": h}, X), argnums=(0, 1)
+    )(plain_net["params"], plain_head["params"])
+    assert float(value) == float(ref_value)
+    assert set(g_net) == set(g_head) == {"params"}  # batch_stats is not differentiated
+    assert g_net["params"]["body"]["kernel"] is None
+    assert g_head["params"]["kernel"] is None
+    expected_net = {**ref_net, "body": {**ref_net["body"], "kernel": None}}
+    assert jax.tree.structure(g_net["params"]) == jax.tree.structure(expected_net)
+    for got, want in zip(
+        jax.tree.leaves(g_net["params"]), jax.tree.leaves(expected_net), strict=True
+    ):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(g_head["params"]["bias"], ref_head["bias"])
+    # ffl.grad, in the order of argnums, with aux.
+    (g_head2, g_net2), aux = ffl.grad(
+        lambda n, h, x: (loss(n, h, x), x.shape[0]), argnums=(1, 0), has_aux=True
+    )(net_vars, head_vars, X)
+    assert aux == 8
+    np.testing.assert_array_equal(g_head2["params"]["bias"], g_head["params"]["bias"])
+    np.testing.assert_array_equal(
+        g_net2["params"]["head"]["kernel"], g_net["params"]["head"]["kernel"]
+    )
+
+
 def test_ffl_grad_leaves_the_frozen_params_collection_of_to_linen_alone():
     class M(nnx.Module):
         def __init__(self, rngs):
@@ -242,11 +382,6 @@ def test_ffl_grad_leaves_the_frozen_params_collection_of_to_linen_alone():
     assert s.trainable_count == 8
 
 
-def _flops(fn, *args):
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-    return (cost[0] if isinstance(cost, list | tuple) else cost)["flops"]
-
-
 class Deep(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -257,7 +392,7 @@ class Deep(nn.Module):
 
 @pytest.mark.parametrize("clip", [False, True], ids=["plain", "clip-by-global-norm"])
 @pytest.mark.parametrize("via", ["ff.grad", "ffl.grad"])
-def test_no_frozen_weight_gradients_in_flops(clip, via):
+def test_no_frozen_weight_gradients_inflops(clip, via):
     x = jax.random.normal(jax.random.key(0), (64, 256))
     y = jnp.arange(64) % 10
     v = Deep().init(jax.random.key(1), x)
@@ -289,9 +424,9 @@ def test_no_frozen_weight_gradients_in_flops(clip, via):
         return jax.grad(lambda p: loss_vars({"params": p}))(params)
 
     f_ff, f_split, f_full = (
-        _flops(step_ff, frozen),
-        _flops(step_split, frozen),
-        _flops(step_full, frozen),
+        flops(step_ff, frozen),
+        flops(step_split, frozen),
+        flops(step_full, frozen),
     )
     assert abs(f_ff - f_split) <= 0.01 * f_split, (f_ff, f_split)
     assert f_full > 2.0 * f_split
@@ -438,7 +573,6 @@ def test_summary_of_params_and_variables_dicts():
 
 
 def test_linen_example_fine_tunes_with_frozen_convolutions():
-    sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
     import linen_finetune
 
     r = linen_finetune.main(steps=60)  # raises if a frozen convolution moved

@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import loss_fn, param_types, param_values
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -41,10 +42,6 @@ class MLP(nnx.Module):
         return x
 
 
-def loss_fn(model, x, y):
-    return ((model(x) - y) ** 2).mean()
-
-
 def pure_forward(params, x):
     n = len({k.split("/")[1] for k in params})
     for i in range(n):
@@ -68,23 +65,6 @@ def flat(state):
     return {
         path_str(p): v.get_raw_value() if isinstance(v, nnx.Variable) else v
         for p, v in nnx.to_flat_state(state)
-    }
-
-
-def all_params(model):
-    """Copies of every parameter, trainable or frozen, by path."""
-    return {
-        path_str(p): np.array(v.get_raw_value())
-        for p, v in nnx.iter_graph(model)
-        if isinstance(v, nnx.Param | ff.FrozenParam)
-    }
-
-
-def kinds(model):
-    return {
-        path_str(p): type(v).__name__
-        for p, v in nnx.iter_graph(model)
-        if isinstance(v, nnx.Param | ff.FrozenParam)
     }
 
 
@@ -224,13 +204,13 @@ def test_migrate_opt_state_keeps_injected_hyperparameters():
     eager_step(model, opt)
     opt.opt_state.hyperparams["learning_rate"][...] = jnp.asarray(0.01)
     ff.unfreeze(model)
-    before = all_params(model)
+    before = param_values(model)
     eager_step(model, opt)
     assert float(opt.opt_state.hyperparams["learning_rate"][...]) == pytest.approx(0.01)
     assert sorted(flat(opt.opt_state.inner_state[0].mu)) == L0 + L1 + L2
     assert int(opt.opt_state.count[...]) == 2
     # The newly trainable kernel moved by about lr=0.01 per element, not the initial 0.05.
-    delta = np.abs(all_params(model)["layers/0/kernel"] - before["layers/0/kernel"])
+    delta = np.abs(param_values(model)["layers/0/kernel"] - before["layers/0/kernel"])
     assert delta.max() < 0.05
     assert delta.max() > 0.005
 
@@ -270,8 +250,8 @@ def test_trajectory_matches_optax_on_pure_arrays(first_frozen, change, make_tx):
     model = ff.freeze(MLP(), ff.PathRegex(first_frozen))
     opt = ff.Optimizer(model, tx)
 
-    values = {k: jnp.asarray(v) for k, v in all_params(model).items()}
-    trainable = sorted(k for k, t in kinds(model).items() if t == "Param")
+    values = {k: jnp.asarray(v) for k, v in param_values(model).items()}
+    trainable = sorted(k for k, t in param_types(model).items() if t == "Param")
     ref_state = tx.init({k: values[k] for k in trainable})
 
     def ref_step(values, trainable, ref_state):
@@ -282,7 +262,7 @@ def test_trajectory_matches_optax_on_pure_arrays(first_frozen, change, make_tx):
         return {**values, **optax.apply_updates(tp, updates)}, ref_state
 
     def check():
-        got = all_params(model)
+        got = param_values(model)
         for k in values:
             np.testing.assert_allclose(got[k], values[k], rtol=2e-5, atol=1e-6, err_msg=k)
         count, mu, nu = adam_state(opt)
@@ -296,7 +276,7 @@ def test_trajectory_matches_optax_on_pure_arrays(first_frozen, change, make_tx):
         eager_step(model, opt)
         values, ref_state = ref_step(values, trainable, ref_state)
     check()
-    frozen_before = {k: v for k, v in all_params(model).items() if k not in trainable}
+    frozen_before = {k: v for k, v in param_values(model).items() if k not in trainable}
 
     if change == "unfreeze":
         ff.unfreeze(model)
@@ -305,7 +285,7 @@ def test_trajectory_matches_optax_on_pure_arrays(first_frozen, change, make_tx):
     else:
         ff.unfreeze(model, ff.PathRegex("layers/0/.*"))
         ff.freeze(model, ff.PathRegex("layers/1/.*"))
-    trainable = sorted(k for k, t in kinds(model).items() if t == "Param")
+    trainable = sorted(k for k, t in param_types(model).items() if t == "Param")
     ref_state = _reference_adam_migrate(tx, ref_state, {k: values[k] for k in trainable})
 
     for _ in range(4):
@@ -314,7 +294,7 @@ def test_trajectory_matches_optax_on_pure_arrays(first_frozen, change, make_tx):
         check()
     assert int(opt.step[...]) == 7
     assert int(opt.opt_state[0].count[...]) == 7
-    for k, v in all_params(model).items():
+    for k, v in param_values(model).items():
         if k not in trainable:
             before = frozen_before.get(k, values[k])
             np.testing.assert_array_equal(v, before, err_msg=k)
@@ -369,14 +349,14 @@ def test_freeze_keeps_count_and_step_and_frozen_values():
     for _ in range(3):
         eager_step(model, opt)
     ff.freeze(model, ff.PathRegex("layers/1/.*"))
-    frozen = {k: all_params(model)[k] for k in L1}
+    frozen = {k: param_values(model)[k] for k in L1}
     for _ in range(3):
         eager_step(model, opt)
     assert int(opt.step[...]) == 6
     assert int(opt.opt_state[0].count[...]) == 6
     assert not any("layers/1" in p for p in opt_state_paths(opt))
     for k in L1:
-        np.testing.assert_array_equal(all_params(model)[k], frozen[k])
+        np.testing.assert_array_equal(param_values(model)[k], frozen[k])
 
 
 def test_lora_params_with_custom_wrt():
@@ -415,19 +395,19 @@ def test_grads_from_before_freeze_raise():
     eager_step(model, opt)
     stale = ff.grad(loss_fn)(model, X, Y)
     ff.freeze(model, ff.PathRegex("layers/0/.*"))
-    before = all_params(model)
+    before = param_values(model)
     with pytest.raises(ValueError, match=r"`grads` do not match") as info:
         opt.update(model, stale)
     assert "not trainable: ['layers/0/bias', 'layers/0/kernel']" in str(info.value)
     assert "without a gradient: []" in str(info.value)
     # Nothing was applied; the next update with fresh grads works.
     assert int(opt.step[...]) == 1
-    for k, v in all_params(model).items():
+    for k, v in param_values(model).items():
         np.testing.assert_array_equal(v, before[k])
     eager_step(model, opt)
     assert int(opt.step[...]) == 2
     for k in L0:
-        np.testing.assert_array_equal(all_params(model)[k], before[k])
+        np.testing.assert_array_equal(param_values(model)[k], before[k])
 
 
 def test_grads_from_before_unfreeze_raise():
@@ -481,7 +461,7 @@ def test_change_inside_jit_matches_eager(change, frozen_after):
         return model, ff.Optimizer(model, optax.adamw(LR, weight_decay=0.1))
 
     (jm, jo), (em, eo) = make(), make()
-    initial = all_params(jm)
+    initial = param_values(jm)
 
     @nnx.jit
     def change_and_step(model, opt, x, y):
@@ -492,7 +472,7 @@ def test_change_inside_jit_matches_eager(change, frozen_after):
     for _ in range(2):
         jit_step(jm, jo, X, Y)
         eager_step(em, eo)
-    at_change = all_params(jm)
+    at_change = param_values(jm)
     change_and_step(jm, jo, X, Y)
     change(em)
     eager_step(em, eo)
@@ -500,11 +480,11 @@ def test_change_inside_jit_matches_eager(change, frozen_after):
         jit_step(jm, jo, X, Y)
         eager_step(em, eo)
 
-    assert kinds(jm) == kinds(em)
+    assert param_types(jm) == param_types(em)
     assert opt_state_paths(jo) == opt_state_paths(eo)
     assert int(jo.step[...]) == int(eo.step[...]) == 5
     assert int(jo.opt_state[0].count[...]) == 5
-    jp, ep = all_params(jm), all_params(em)
+    jp, ep = param_values(jm), param_values(em)
     for k in jp:
         np.testing.assert_allclose(jp[k], ep[k], rtol=1e-5, atol=1e-6, err_msg=k)
     jc, jmu, _ = adam_state(jo)
@@ -527,7 +507,7 @@ def test_freeze_eagerly_between_jitted_steps():
         jit_step(model, opt, X, Y)
     count, mu, _ = adam_state(opt)
     ff.freeze(model, ff.PathRegex("layers/0/.*"))
-    frozen = {k: all_params(model)[k] for k in L0}
+    frozen = {k: param_values(model)[k] for k in L0}
     grads = flat(ff.grad(loss_fn)(model, X, Y))
     jit_step(model, opt, X, Y)
     new_count, new_mu, _ = adam_state(opt)
@@ -540,7 +520,7 @@ def test_freeze_eagerly_between_jitted_steps():
     for _ in range(2):
         jit_step(model, opt, X, Y)
     for k in L0:
-        np.testing.assert_array_equal(all_params(model)[k], frozen[k])
+        np.testing.assert_array_equal(param_values(model)[k], frozen[k])
 
 
 # ----------------------------------------------------------------------------- retracing
@@ -616,10 +596,10 @@ TRANSFORMS = [
 def test_frozen_weights_bit_identical_under_every_transform(make_tx):
     model = ff.freeze(MLP(), ff.PathRegex("layers/0/.*"))
     opt = ff.Optimizer(model, make_tx())
-    initial = all_params(model)
+    initial = param_values(model)
     for _ in range(3):
         jit_step(model, opt, X, Y)
-    mid = all_params(model)
+    mid = param_values(model)
     for k in L0:
         np.testing.assert_array_equal(mid[k], initial[k], err_msg=k)
     for k in L1 + L2:
@@ -628,7 +608,7 @@ def test_frozen_weights_bit_identical_under_every_transform(make_tx):
     ff.freeze(model, ff.PathRegex("layers/2/.*"))  # migrate, then more steps
     for _ in range(3):
         jit_step(model, opt, X, Y)
-    end = all_params(model)
+    end = param_values(model)
     for k in L0:
         np.testing.assert_array_equal(end[k], initial[k], err_msg=k)
     for k in L2:
@@ -662,10 +642,10 @@ def test_newly_trainable_first_adam_step_uses_shared_bias_correction(
         opt.opt_state[0].count[...] = jnp.asarray(forced_count, jnp.int32)
     count = int(opt.opt_state[0].count[...])
     ff.unfreeze(model)
-    before = all_params(model)
+    before = param_values(model)
     g = np.asarray(flat(ff.grad(loss_fn)(model, X, Y))["layers/0/kernel"])
     jit_step(model, opt, X, Y)
-    delta = all_params(model)["layers/0/kernel"] - before["layers/0/kernel"]
+    delta = param_values(model)["layers/0/kernel"] - before["layers/0/kernel"]
 
     c = count + 1
     expected = -lr * ((1 - b1) * g / (1 - b1**c)) / (np.sqrt((1 - b2) * g**2 / (1 - b2**c)) + 1e-8)
@@ -685,10 +665,10 @@ def test_newly_trainable_meets_schedule_at_shared_count():
     for _ in range(4):
         eager_step(model, opt)
     ff.unfreeze(model)
-    before = all_params(model)
+    before = param_values(model)
     grads = flat(ff.grad(loss_fn)(model, X, Y))
     eager_step(model, opt)
-    after = all_params(model)
+    after = param_values(model)
     for k in L0:  # learning rate at count 4, not at 0
         np.testing.assert_allclose(
             after[k] - before[k], -0.6 * np.asarray(grads[k]), rtol=1e-5, atol=1e-7
@@ -733,10 +713,10 @@ def test_property_update_never_moves_a_frozen_value(widths, seed, masks, by_rege
         ff.freeze(model, layer_filter, missing_ok=True)
         if opt is None:
             opt = ff.Optimizer(model, PROPERTY_TRANSFORMS[tx_name]())
-        before = all_params(model)
+        before = param_values(model)
         grads = ff.grad(loss_fn)(model, x, y)
         opt.update(model, grads)
-        after = all_params(model)
+        after = param_values(model)
         for k, v in before.items():
             if int(k.split("/")[1]) in frozen_layers:
                 np.testing.assert_array_equal(after[k], v, err_msg=k)
@@ -780,7 +760,7 @@ def test_tree_mode_jit_follows_a_freeze_change():
     assert int(opt.step[...]) == 5
     assert sorted(flat(opt.opt_state[0].mu)) == L0 + L1 + L2
     assert int(opt.opt_state[0].count[...]) == 5
-    got, want = all_params(model), all_params(twin)
+    got, want = param_values(model), param_values(twin)
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
@@ -804,6 +784,6 @@ def test_cached_partial_must_be_rebuilt_after_a_freeze_change():
         eager_step(twin, twin_opt)
     assert int(opt.opt_state[0].count[...]) == 5
     assert sorted(flat(opt.opt_state[0].mu)) == L0 + L1 + L2
-    got, want = all_params(model), all_params(twin)
+    got, want = param_values(model), param_values(twin)
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)

@@ -1,9 +1,8 @@
 """Multi-device training on 8 fake CPU devices: same weights, frozen never communicated."""
 
 import re
-import sys
-from pathlib import Path
 
+import data_parallel as dp
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,9 +13,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import flax_freeze as ff
-
-sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
-import data_parallel as dp  # noqa: E402
 
 STYLES = ["jit", "shard_map", "shard_map_no_vma", "pmap"]
 

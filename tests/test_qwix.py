@@ -1,7 +1,6 @@
 """qwix LoRA / QLoRA: the tunix recipe with flax_freeze, and a frozen base refused loudly."""
 
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +9,7 @@ import optax
 import pytest
 import qwix
 from flax import nnx
+from helpers import variable_types
 
 import flax_freeze as ff
 from flax_freeze._qwix import check_qwix, is_qwix_lora_base
@@ -71,14 +71,6 @@ def selection(model, pattern=".*"):
     return [(v, [p]) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param) and regex(p, v)]
 
 
-def types(model):
-    return {
-        "/".join(map(str, p)): type(v).__name__
-        for p, v in nnx.iter_graph(model)
-        if isinstance(v, nnx.Variable)
-    }
-
-
 @nnx.jit
 def tunix_step(model, opt, x, y):
     """tunix's PeftTrainer step: nnx.value_and_grad on LoRAParam, nnx.Optimizer(wrt=LoRAParam)."""
@@ -124,7 +116,7 @@ def tunix_trajectory(qtype):
 
 def test_qwix_lora_adapters_and_qlora_base_layout():
     model = lora("int8")
-    assert types(model) == {
+    assert variable_types(model) == {
         "head/bias": "Param",
         "head/kernel": "Param",
         "l1/bias": "Param",
@@ -185,7 +177,7 @@ def test_qlora_frozen_base_trains_exactly_like_tunix(qtype):
     assert model.l1.kernel.array.qvalue.get_value().dtype == jnp.dtype(
         {"int8": jnp.int8, "nf4": jnp.uint4}[qtype]
     )
-    assert {t for p, t in types(model).items() if "lora" not in p} == {"FrozenParam"}
+    assert {t for p, t in variable_types(model).items() if "lora" not in p} == {"FrozenParam"}
     assert ff_way(model, ff.Trainable) == expected
     assert bit_identical(base(model), before)
     final = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam)))
@@ -282,22 +274,22 @@ def test_check_qwix_costs_nothing_without_qwix(monkeypatch):
 )
 def test_freeze_refuses_a_lora_base(filter):
     model = lora()
-    before = types(model)
+    before = variable_types(model)
     with pytest.raises(ValueError, match=REFUSED):
         ff.freeze(model, filter)
-    assert types(model) == before  # nothing re-typed
+    assert variable_types(model) == before  # nothing re-typed
     with pytest.raises(ValueError, match=REFUSED):
         with ff.freezing(model, filter):
             pass
-    assert types(model) == before
+    assert variable_types(model) == before
 
 
 def test_freeze_allows_what_qwix_does_not_look_up():
     model = lora()
     ff.freeze(model, ff.PathRegex(".*/bias|head/.*"))
     ff.freeze(model, nnx.LoRAParam)
-    assert types(model)["l1/kernel"] == "Param"
-    assert types(model)["l1/kernel_lora_a"] == "FrozenParam"
+    assert variable_types(model)["l1/kernel"] == "Param"
+    assert variable_types(model)["l1/kernel_lora_a"] == "FrozenParam"
 
 
 def test_freeze_with_mixed_rules_refuses_only_the_float_base():
@@ -309,14 +301,13 @@ def test_freeze_with_mixed_rules_refuses_only_the_float_base():
     with pytest.raises(ValueError, match=r"selects 1 base weight\(s\) of .*: \[mix/kernel\]"):
         ff.freeze(model, nnx.Not(nnx.LoRAParam))
     ff.freeze(model, ff.PathRegex("l1/kernel/.*"))  # the quantized base
-    assert types(model)["l1/kernel/array/qvalue"] == "FrozenParam"
+    assert variable_types(model)["l1/kernel/array/qvalue"] == "FrozenParam"
 
 
 # --- the example --------------------------------------------------------------------------
 
 
 def test_example_lora_qwix(capsys):
-    sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
     import lora_qwix
 
     results = lora_qwix.main(steps=80)

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import loss_fn, param_values
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -46,24 +47,12 @@ class Zoo(nnx.Module):
         return self.lin(h)
 
 
-def loss_fn(model, x=X, y=Y):
-    return ((model(x) - y) ** 2).mean()
-
-
 def step(model, opt):
-    opt.update(model, ff.grad(loss_fn)(model))
+    opt.update(model, ff.grad(loss_fn)(model, X, Y))
 
 
 # MultiSteps' lax.cond compiles at every eager call; jitted, once per transform and trained set.
 jit_step = nnx.jit(step)
-
-
-def values(model):
-    return {
-        "/".join(map(str, p)): np.array(v.get_raw_value())
-        for p, v in nnx.iter_graph(model)
-        if isinstance(v, nnx.Param | ff.FrozenParam)
-    }
 
 
 def trainable(model):
@@ -160,10 +149,10 @@ def run_sequence(name, frozen_sets, steps):
         changes += 1
         check_migration(old, state_leaves(opt.opt_state), fresh, before & after, after - before)
         for _ in range(steps):
-            frozen_values = {k: v for k, v in values(model).items() if k not in after}
+            frozen_values = {k: v for k, v in param_values(model).items() if k not in after}
             run(model, opt)
             for k, v in frozen_values.items():
-                np.testing.assert_array_equal(values(model)[k], v, err_msg=k)
+                np.testing.assert_array_equal(param_values(model)[k], v, err_msg=k)
     return changes
 
 
@@ -326,7 +315,7 @@ def test_migration_inside_nnx_jit_gives_flatten_fresh_state():
     def swap_and_step(model, opt):
         ff.unfreeze(model, ff.PathRegex("b"))
         ff.freeze(model, ff.PathRegex("a"))
-        grads = ff.grad(loss_fn)(model)
+        grads = ff.grad(loss_fn)(model, X, Y)
         opt.update(model, grads)
 
     for _ in range(2):
@@ -337,7 +326,7 @@ def test_migration_inside_nnx_jit_gives_flatten_fresh_state():
     twin_opt.opt_state[0].count[...] = jnp.asarray(2, jnp.int32)
     swap_and_step(model, opt)
     step(twin, twin_opt)
-    got, want = values(model), values(twin)
+    got, want = param_values(model), param_values(twin)
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
     assert int(opt.opt_state[0].count[...]) == 3
@@ -367,12 +356,12 @@ def test_multisteps_freeze_change_mid_window_loses_and_repeats_nothing(mode):
     model = ff.freeze(Zoo(), ff.PathRegex("a"))
     opt = ff.Optimizer(model, optax.MultiSteps(optax.sgd(lr), every_k_schedule=3))
     run = nnx.jit(step) if mode == "jit" else step
-    start = values(model)
+    start = param_values(model)
 
     grads = [{k: np.asarray(v) for k, v in _flat_grads(model).items()}]
     run(model, opt)
-    assert values(model).keys() == start.keys()
-    for k, v in values(model).items():  # nothing applied within a window
+    assert param_values(model).keys() == start.keys()
+    for k, v in param_values(model).items():  # nothing applied within a window
         np.testing.assert_array_equal(v, start[k], err_msg=k)
     ff.unfreeze(model, ff.PathRegex("a"))
     ff.freeze(model, ff.PathRegex("b"))
@@ -380,9 +369,9 @@ def test_multisteps_freeze_change_mid_window_loses_and_repeats_nothing(mode):
         grads.append({k: np.asarray(v) for k, v in _flat_grads(model).items()})
         run(model, opt)
         if len(grads) < 3:
-            for k, v in values(model).items():
+            for k, v in param_values(model).items():
                 np.testing.assert_array_equal(v, start[k], err_msg=k)
-    end = values(model)
+    end = param_values(model)
     for k in ["k", "s", "lin/bias", "lin/kernel"]:  # stayed trainable through the window
         want = start[k] - lr * (grads[0][k] + grads[1][k] + grads[2][k]) / 3
         np.testing.assert_allclose(end[k], want, rtol=1e-5, atol=1e-7, err_msg=k)
@@ -398,7 +387,7 @@ def test_multisteps_freeze_change_mid_window_loses_and_repeats_nothing(mode):
 def _flat_grads(model):
     return {
         "/".join(map(str, p)): np.asarray(v.get_raw_value())
-        for p, v in nnx.to_flat_state(ff.grad(loss_fn)(model))
+        for p, v in nnx.to_flat_state(ff.grad(loss_fn)(model, X, Y))
     }
 
 
@@ -460,7 +449,7 @@ def test_pytree_labels_after_a_freeze_raise_a_clear_error(name):
     opt = ff.Optimizer(model, tx)
     step(model, opt)  # fine while the trainable tree is the one the labels were built for
     ff.freeze(model, ff.PathRegex("lin/.*"))
-    grads = ff.grad(loss_fn)(model)
+    grads = ff.grad(loss_fn)(model, X, Y)
     with pytest.raises(ValueError, match=r"`tx` cannot build optimizer state for the") as info:
         opt.update(model, grads)
     assert "Pass a callable label/mask function" in str(info.value)
