@@ -94,12 +94,11 @@ def describe(directory: str | epath.PathLike, *, step: int | None = None) -> Des
             finished step of a manager directory.
 
     Example:
-        >>> import os, tempfile
+        >>> import pathlib, tempfile
         >>> from flax import nnx
         >>> import flax_freeze as ff
-        >>> model = ff.freeze(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), ff.PathRegex("kernel"))
-        >>> directory = os.path.join(tempfile.mkdtemp(), "ckpt")
-        >>> ff.checkpoint.save(directory, model)
+        >>> directory = pathlib.Path(tempfile.mkdtemp()) / "ckpt"
+        >>> ff.checkpoint.save(directory, ff.freeze(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), "kernel"))
         >>> print(ff.checkpoint.describe(directory))  # doctest: +ELLIPSIS
         /...ckpt: flax_freeze flags
         path    type         shape   dtype    status     count  bytes

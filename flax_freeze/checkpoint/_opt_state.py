@@ -20,6 +20,7 @@ from .._walk import Entry, Key, in_box, join, key_of, shape_dtype, status, walk
 from ..linen import TrainState
 from ._flags import Flags, show
 from ._read import _Stored
+from ._reads import Mismatch, _Read
 from ._retype_plan import _box_changes, _Retype
 from ._sharding import _default_sharding, _sharding, _state_sharding
 
@@ -222,8 +223,7 @@ def _linen_opt_state(
 class _OptStatePlan:
     """How plain optax state in the target changes to follow the other side's flags."""
 
-    fill: dict[Path, Key] = field(default_factory=dict)  # target path -> stored key to put there
-    shardings: dict[Path, jax.sharding.Sharding | None] = field(default_factory=dict)
+    fill: dict[Path, _Read] = field(default_factory=dict)  # target path -> what to put there
     to_none: set[Path] = field(default_factory=set)  # leaves of parameters saved frozen
 
 
@@ -233,11 +233,11 @@ def _plan_opt_states(
     stored: Mapping[Key, _Stored],
     saved: Flags,
     flags: str,
-    chosen: dict[Key, Key],
+    reads: dict[Key, _Read],
     consumed: set[Key],
     missing: list[Entry],
-    mismatched: list[str],
-) -> tuple[list[Entry], list[str]]:
+    mismatched: list[Mismatch],
+) -> tuple[list[Entry], list[Mismatch]]:
     """Reconciles plain optax state (``tx.init(ff.trainable_tree(tree))``) across frozen sets.
 
     Optax state mirrors the trainable parameters (``mu/<param path>``, ``None``
@@ -288,8 +288,9 @@ def _plan_opt_states(
             consumed.add(key)
             if flags == "checkpoint":
                 path = (*opt_field, *param.paths[0][len(param.paths[0]) - len(key) + len(base) :])
-                opt.fill[path] = key
-                opt.shardings[path] = _sharding(param)
+                dtype = stored[key].dtype
+                assert dtype is not None
+                opt.fill[path] = _Read(key, _sharding(param), dtype)
             break
 
     def shared(entry: Entry) -> bool:
@@ -298,7 +299,7 @@ def _plan_opt_states(
 
     if flags == "target":  # never hand one parameter's state to another: keep it fresh
         for entry in entries:
-            if entry.key in chosen and shared(entry) and shape_dtype(entry.value)[0] != ():
+            if entry.key in reads and shared(entry) and shape_dtype(entry.value)[0] != ():
                 if isinstance(entry.value, jax.ShapeDtypeStruct):
                     raise ValueError(
                         f"`target` optimizer state at {join(entry.key)!r} belongs to no single "
@@ -306,18 +307,13 @@ def _plan_opt_states(
                         "fresh, but it is abstract. Build the optimizer state for the target "
                         "with tx.init(ff.trainable_tree(tree)) before restoring into it."
                     )
-                del chosen[entry.key]
+                del reads[entry.key]
     still_mismatched = []
-    by_name = {join(chosen[e.key]): e for e in entries if e.key in chosen}
-    for problem in mismatched:
-        name = problem.split(" (", 1)[0]
-        entry = by_name.get(name)
-        if entry is None or not shared(entry):
-            still_mismatched.append(problem)
-            continue
-        del chosen[entry.key]  # state of no single parameter: fresh, or taken as saved
-        if flags == "checkpoint":
-            key = tuple(name.split("/"))
-            opt.fill[entry.paths[0]] = key
-            opt.shardings[entry.paths[0]] = _default_sharding()
+    for mismatch in mismatched:
+        if not shared(mismatch.entry):
+            still_mismatched.append(mismatch)
+        elif flags == "checkpoint":  # state of no single parameter: taken as saved
+            dtype = stored[mismatch.stored].dtype
+            assert dtype is not None
+            opt.fill[mismatch.entry.paths[0]] = _Read(mismatch.stored, _default_sharding(), dtype)
     return still_missing, still_mismatched

@@ -48,6 +48,7 @@ from ._opt_state import (
     _rebuild_opt_state,
 )
 from ._read import _candidates, _read, _Stored
+from ._reads import Mismatch, _Read
 from ._retype_plan import _box_changes, _plan_retype, _Retype
 from ._sharding import _sharding
 
@@ -58,27 +59,29 @@ class PartialRestoreWarning(UserWarning):
 
 @dataclass
 class _Plan:
-    """What restoring a checkpoint into a target does, worked out before anything changes."""
+    """What restoring a checkpoint into a target does, worked out before anything changes.
+
+    Each target entry the checkpoint fills has one :class:`_Read` record, made
+    when planning and applied by :meth:`finish`.
+    """
 
     layout: _Layout
-    chosen: dict[Key, Key]  # entry key -> stored key
+    reads: dict[Key, _Read]  # by the key of the target entry it fills
     stored: dict[Key, _Stored]
-    shardings: dict[Key, jax.sharding.Sharding | None]  # by stored key
-    impls: dict[Key, str]  # PRNG key implementation by stored key
-    dtypes: dict[Key, np.dtype[Any]]  # the dtype to read each stored array as
     retype: _Retype | None  # None: the target keeps its flags
     optimizers: list[tuple[Optimizer[Any], Any, tuple[Path, ...]]]
     # (path, abstract opt_state) of each Linen TrainState whose optimizer
     # state is rebuilt for the parameters trainable when saved.
     linen_states: list[tuple[Path, Any]]
     saved: Flags | None  # the checkpoint's flags (checksums)
-    # Tied variables of the target stored under several paths: entry key -> stored keys.
-    ties: dict[Key, list[Key]] = field(default_factory=dict)
     opt: _OptStatePlan = field(default_factory=lambda: _OptStatePlan())
 
+    def _all_reads(self) -> list[_Read]:
+        return [*self.reads.values(), *self.opt.fill.values()]
+
     def keys(self) -> set[Key]:
-        """Every stored key read: the chosen ones, the other paths of ties, optax fills."""
-        return set(self.chosen.values()).union(*self.ties.values(), self.opt.fill.values())
+        """Every stored key read: those of the reads, the other paths of ties, optax fills."""
+        return {key for read in self._all_reads() for key in (read.stored, *read.ties)}
 
     def state_args(self, keys: Collection[Key] | None = None) -> ocp.args.PyTreeRestore:
         """The orbax ``PyTreeRestore`` args that read the planned arrays (or only ``keys``).
@@ -88,11 +91,12 @@ class _Plan:
         """
         item: dict[str, Any] = {}
         restore_args: dict[str, Any] = {}
+        shardings = {k: r.sharding for r in self._all_reads() for k in (r.stored, *r.ties)}
         for key in self.keys() if keys is None else keys:
             stored = self.stored[key]
             assert stored.shape is not None
             assert stored.dtype is not None
-            sharding, dtype = self.shardings[key], stored.dtype
+            sharding, dtype = shardings[key], stored.dtype
             _insert(item, key, jax.ShapeDtypeStruct(stored.shape, dtype))
             if sharding is None:
                 arg = ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)
@@ -156,19 +160,20 @@ class _Plan:
                 "the checksums recorded when they were saved. Restore an earlier checkpoint "
                 "(verify=False reads them anyway)."
             )
-        for entry_key, keys in self.ties.items():
-            first = arrays[keys[0]]
-            for other in keys[1:]:
-                if not _equal(first, arrays[other]):
-                    raise _tie_error(where, entry_key, keys[0], other)
+        for entry_key, read in self.reads.items():
+            for other in read.ties:
+                if not _equal(arrays[read.stored], arrays[other]):
+                    raise _tie_error(where, entry_key, read.stored, other)
+
+    def _value(self, read: _Read, arrays: Mapping[Key, Any]) -> Any:
+        """The array a read gives: as stored, cast where the plan says so."""
+        value = arrays[read.stored]
+        return value if read.dtype == self.stored[read.stored].dtype else value.astype(read.dtype)
 
     def finish(self, target: T, restored: Mapping[str, Any], verify: bool = True) -> T:
         """Re-types ``target``, rebuilds optimizer states, and fills in the restored arrays."""
         arrays = _flatten(restored)
         self.check(arrays, verify)
-        for key, dtype in self.dtypes.items():  # read as stored, then cast where planned
-            if key in arrays and dtype != self.stored[key].dtype:
-                arrays[key] = arrays[key].astype(dtype)
         node = self._retype(target)
         for opt, state, trained in self.optimizers:
             opt.opt_state = nnx.data(state)
@@ -176,11 +181,11 @@ class _Plan:
         trained_dtypes = self.retype.trained_dtypes if self.retype is not None else {}
         new_variables: dict[int, Any] = {}
         new_at: dict[Path, Any] = {}
-        for entry in walk(node).entries:
-            stored_key = self.chosen.get(entry.key)
-            if stored_key is None or stored_key not in arrays:
+        for entry in walk(node).entries:  # the entries as re-typed, by the keys planned
+            read = self.reads.get(entry.key)
+            if read is None:
                 continue
-            value = _from_stored(entry.value, arrays[stored_key], self.impls.get(stored_key))
+            value = _from_stored(entry.value, self._value(read, arrays), read.impl)
             variable = entry.variable
             if variable is None:
                 for path in entry.paths:
@@ -201,8 +206,8 @@ class _Plan:
             variable.set_raw_value(value)
         for path in self.opt.to_none:
             new_at[path] = None
-        for path, key in self.opt.fill.items():
-            new_at[path] = arrays[key]
+        for path, read in self.opt.fill.items():
+            new_at[path] = self._value(read, arrays)
         if new_variables or new_at:
             node = replace(node, new_variables, new_at)
         if self.retype is None and self.linen_states:
@@ -307,15 +312,11 @@ def _plan(layout: _Layout, target: Any, flags: str, partial: bool, verify: bool)
         entries = [e for e in entries if not any(p[:n] == prefix for p in e.paths)]
         entries += walk(state, prefix, linen="state").entries
         linen_states.append((ts_path, state))
-    # Match every target entry with a stored array.
-    chosen: dict[Key, Key] = {}
+    # Match every target entry with a stored array: one read each.
+    reads: dict[Key, _Read] = {}
     consumed: set[Key] = set()
     missing: list[Entry] = []
-    mismatched: list[str] = []
-    shardings: dict[Key, jax.sharding.Sharding | None] = {}
-    impls: dict[Key, str] = {}
-    dtypes: dict[Key, np.dtype[Any]] = {}
-    ties: dict[Key, list[Key]] = {}
+    mismatched: list[Mismatch] = []
     for entry in entries:
         candidates = _candidates(entry, stored)
         if not candidates:
@@ -323,38 +324,30 @@ def _plan(layout: _Layout, target: Any, flags: str, partial: bool, verify: bool)
             continue
         consumed.update(candidates)
         key = candidates[0]
-        chosen[entry.key] = key
         if len(candidates) > 1:
             _plan_tie(where, entry, candidates, stored, saved)
-            ties[entry.key] = candidates
-            for other in candidates[1:]:
-                shardings[other] = _sharding(entry)
         impl = saved.keys.get(join(key)) if saved else None
         dtype = _related_dtype(entry, stored[key], saved, join(key), flags)
         problem = None if dtype is not None else _mismatch(entry.value, stored[key], impl)
         if problem:
-            mismatched.append(f"{join(key)} ({problem})")
+            mismatched.append(Mismatch(entry, key, problem))
             continue
-        dtypes[key] = dtype if dtype is not None else stored[key].dtype  # type: ignore[assignment]
-        shardings[key] = _sharding(entry)
-        if impl:
-            impls[key] = impl
+        dtype = dtype if dtype is not None else stored[key].dtype
+        assert dtype is not None
+        reads[entry.key] = _Read(key, _sharding(entry), dtype, impl, tuple(candidates[1:]))
     opt = _OptStatePlan()
     if saved is not None:
         missing, mismatched = _plan_opt_states(
-            opt, entries, stored, saved, flags, chosen, consumed, missing, mismatched
+            opt, entries, stored, saved, flags, reads, consumed, missing, mismatched
         )
-        for path, key in opt.fill.items():
-            shardings[key] = opt.shardings[path]
-            dtypes[key] = stored[key].dtype  # type: ignore[assignment]
     unused = [join(k) for k in stored if k not in consumed]
     if mismatched:
         if saved is not None and saved.checksums and verify:
             _read(layout, thorough=True)  # the flags may lie about the stored arrays
         raise ValueError(
             f"Checkpoint {where!r} does not fit `target` ({type(target).__name__}): shapes or "
-            f"dtypes differ at {len(mismatched)} path(s): {show(mismatched)}. Build the target "
-            "with the shapes and dtypes it was saved with."
+            f"dtypes differ at {len(mismatched)} path(s): {show(map(str, mismatched))}. Build "
+            "the target with the shapes and dtypes it was saved with."
         )
     missing_paths = [join(e.key) for e in missing]
     if missing or unused:
@@ -365,7 +358,7 @@ def _plan(layout: _Layout, target: Any, flags: str, partial: bool, verify: bool)
                 f"{show(unused)}. Pass partial=True to restore the paths that match and "
                 "leave the rest as they are."
             )
-        if not chosen:
+        if not reads:
             raise ValueError(
                 f"No path of `target` ({type(target).__name__}) is in checkpoint {where!r}, "
                 f"even with partial=True. The target's paths: {show(missing_paths)}; the "
@@ -381,7 +374,7 @@ def _plan(layout: _Layout, target: Any, flags: str, partial: bool, verify: bool)
             )
         warnings.warn(
             PartialRestoreWarning(
-                f"Restored {len(chosen)} path(s) from checkpoint {where!r}. Left as they were "
+                f"Restored {len(reads)} path(s) from checkpoint {where!r}. Left as they were "
                 f"(missing from the checkpoint): {show(missing_paths)}; ignored (not in the "
                 f"target): {show(unused)}."
             ),
@@ -389,16 +382,12 @@ def _plan(layout: _Layout, target: Any, flags: str, partial: bool, verify: bool)
         )
     return _Plan(
         layout,
-        chosen,
+        reads,
         stored,
-        shardings,
-        impls,
-        dtypes,
         retype if flags == "checkpoint" else None,
         rebuilt,
         linen_states,
         saved,
-        ties,
         opt,
     )
 
