@@ -156,3 +156,22 @@ def test_malformed_owners_are_refused(tmp_path):
     flags.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"malformed 'owners' entry: it names optimizers .*\[7\]"):
         ff.checkpoint.read_flags(tmp_path / "c")
+
+
+def test_describe_takes_a_manager_directory_and_a_step(tmp_path):
+    import orbax.checkpoint as ocp
+
+    tree = {"w": jnp.ones(2), "b": ff.FrozenParam(jnp.ones(3))}
+    with ocp.CheckpointManager(tmp_path) as manager:
+        for step in (0, 1):
+            manager.save(step, args=ff.checkpoint.save_args(tree))
+        manager.wait_until_finished()
+    latest = ff.checkpoint.describe(tmp_path)
+    assert (latest.step, latest.directory) == (1, str(tmp_path / "1"))
+    first = ff.checkpoint.describe(tmp_path, step=0)
+    assert first.step == 0
+    assert first.to_json()["step"] == 0
+    assert [(r.path, r.status) for r in first.rows] == [("b", "frozen"), ("w", "trainable")]
+    with pytest.raises(ValueError, match=r"`step` 5 is not a finished step of .*\[0, 1\]"):
+        ff.checkpoint.describe(tmp_path, step=5)
+    assert ff.checkpoint.describe(tmp_path / "1").step is None
