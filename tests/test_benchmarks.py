@@ -3,13 +3,14 @@
 import json
 import xml.etree.ElementTree as ET
 
-import _models  # pyright: ignore[reportMissingImports]
-import _variants  # pyright: ignore[reportMissingImports]
 import chart  # pyright: ignore[reportMissingImports]
 import numpy as np
 import pytest
 import step  # pyright: ignore[reportMissingImports]
 import train_step_host  # pyright: ignore[reportMissingImports]
+
+import _models  # pyright: ignore[reportMissingImports]
+import _variants  # pyright: ignore[reportMissingImports]
 
 HAS_TORCH = step.torch_peer() is not None
 DETERMINISTIC_TARGETS = {
@@ -253,7 +254,7 @@ def test_chart_and_summary_from_two_runs(quick_run, tmp_path):
         return f"{a:.2f}–{2 * a:.2f}×"
 
     lines = summary.read_text().splitlines()
-    assert lines[0].startswith("2 runs (2099-01-01, ")
+    assert lines[0].startswith(f"2 runs ({result['date']}, 2099-01-01) on ")
     assert lines[2] == (
         "| model | setting | split, ms | flax_freeze | @nnx.jit | multi_transform + clip, FLOPs |"
     )
@@ -312,7 +313,30 @@ def test_train_step_host_quick_run_writes_its_results(tmp_path):
     memory = r["memory"]
     assert memory[train_step_host.TRAIN_STEP] == memory[train_step_host.BARE]
     assert memory[train_step_host.NNX_JIT]["alias"] == 0  # nnx.jit donates nothing
-    assert (
-        memory[train_step_host.TRAIN_STEP]["alias"] == memory[train_step_host.TRAIN_STEP]["output"]
-    )
+    # Written in place: the trainable float32 arrays (layers 2 and 3, the head), Adam's
+    # two moments of each, and the two step counts.
+    trainable = 2 * (64 * 64 + 64) + 64 * 10 + 10
+    assert memory[train_step_host.TRAIN_STEP]["alias"] == 3 * 4 * trainable + 4 + 4
     assert r["train_step_over_bare"] == r["median_us"]["TrainStep"] / r["median_us"]["bare jax.jit"]
+
+    other = json.loads(json.dumps(saved))
+    other["machine"]["date"] = "2099-01-01"
+    for key in ("median_us", "p25_us"):
+        other["results"][0][key] = {k: 2 * v for k, v in r[key].items()}
+    lines = chart.host_summary([saved, other]).splitlines()
+    assert lines[0].startswith(f"2 runs ({saved['machine']['date']}, 2099-01-01), ")
+    assert lines[2] == (
+        "| model | TrainStep | bare jax.jit | @nnx.jit | nnx.cached_partial "
+        "| TrainStep / bare | @nnx.jit / TrainStep |"
+    )
+    ms = [r["median_us"][way] / 1e3 for way in (*ways, train_step_host.CACHED)]
+    ratio = r["train_step_over_bare"]
+    assert lines[4] == (
+        "| MLP 4x64 | "
+        + " | ".join(f"{m:.2f}–{2 * m:.2f} ms" for m in ms)
+        + f" | {ratio:.2f}× | {r['nnx_jit_over_train_step']:.1f}× |"
+    )
+    total = memory[train_step_host.TRAIN_STEP]["total"]
+    assert lines[6] == (
+        f"XLA memory of the compiled step, TrainStep and bare split: mlp {total:,} B = {total:,} B."
+    )

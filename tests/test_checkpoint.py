@@ -18,6 +18,11 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import flax_freeze as ff
+from flax_freeze import checkpoint as ffc
 from helpers import (
     FROZEN0,
     Net,
@@ -32,11 +37,6 @@ from helpers import (
     variable_values,
     write_flags,
 )
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
-
-import flax_freeze as ff
-from flax_freeze import checkpoint as ffc
 
 X = jax.random.normal(jax.random.key(0), (16, 3))
 Y = jax.random.normal(jax.random.key(1), (16, 2))
@@ -282,7 +282,7 @@ def test_optimizer_alone_with_other_trained_set_needs_its_model(tmp_path):
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class RBF:
+class RBFWithSteps:
     variance: object
     lengthscale: object
     steps: int
@@ -290,7 +290,7 @@ class RBF:
 
 def test_pytree_round_trip_with_frozen_leaves_and_numbers(tmp_path):
     tree = {
-        "k": RBF(1.25, ff.FrozenParam(jnp.array([0.5, 2.0])), 7),
+        "k": RBFWithSteps(1.25, ff.FrozenParam(jnp.array([0.5, 2.0])), 7),
         "n": np.arange(3, dtype=np.int32),
         "s": np.float32(2.5),
         "t": {(1, 2): jnp.ones(2)},
@@ -300,7 +300,7 @@ def test_pytree_round_trip_with_frozen_leaves_and_numbers(tmp_path):
     assert flags.frozen == {"k/lengthscale"}
     assert flags.trainable == {"k/variance", "s", "t/(1, 2)"}
     target = {
-        "k": RBF(0.0, jnp.zeros(2), 0),
+        "k": RBFWithSteps(0.0, jnp.zeros(2), 0),
         "n": np.zeros(3, np.int32),
         "s": np.float32(0),
         "t": {(1, 2): jnp.zeros(2)},

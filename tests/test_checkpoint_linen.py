@@ -5,10 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import ADAMW, CNN, CNN_X, CNNState, cnn_state, cnn_train
 
 import flax_freeze as ff
 from flax_freeze import linen as ffl
+from helpers import ADAMW, CNN, CNN_X, CNNState, cnn_state, cnn_train
 
 MODEL, PLAIN = CNN(), CNN(frozen_dense=False)
 

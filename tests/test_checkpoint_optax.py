@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import RBF
 
 import flax_freeze as ff
+from helpers import RBF
 
 TX = optax.adam(0.1)
 

@@ -2,8 +2,9 @@
 
 from pathlib import Path
 
-import _run_code as run_code
 import pytest
+
+import _run_code as run_code
 
 DOCS = Path(__file__).parent.parent / "docs"
 

@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import optax
 import pytest
 from flax import nnx
-from helpers import param_types
 
 import flax_freeze as ff
 from flax_freeze import linen as ffl
 from flax_freeze._filters import path_str, to_predicate
+from helpers import param_types
 
 
 def test_path_str_joins_keys():

@@ -11,9 +11,9 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import flops
 
 import flax_freeze as ff
+from helpers import flops
 
 RTOL, ATOL = 1e-5, 1e-6
 

@@ -9,11 +9,11 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx, struct
-from helpers import ADAMW, FROZEN0, RBF, Net, assert_same, flops, loss_fn
 
 import flax_freeze as ff
 from flax_freeze import linen as ffl
 from flax_freeze._filters import path_str
+from helpers import ADAMW, FROZEN0, RBF, Net, assert_same, flops, loss_fn
 
 
 class View(typing.NamedTuple):

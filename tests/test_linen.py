@@ -10,12 +10,12 @@ import optax
 import pytest
 from flax import nnx
 from flax.training import train_state
-from helpers import flops
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import flax_freeze as ff
 from flax_freeze import linen as ffl
+from helpers import flops
 
 X = jnp.linspace(-1, 1, 24).reshape(8, 3)
 Y = jnp.arange(8) % 2

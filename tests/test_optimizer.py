@@ -8,13 +8,13 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import loss_fn, param_types, param_values
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flax_freeze as ff
 from flax_freeze._filters import path_str
 from flax_freeze._optimizer import migrate_opt_state
+from helpers import loss_fn, param_types, param_values
 
 LR = 0.05
 X = jax.random.normal(jax.random.key(0), (8, 3))

@@ -9,10 +9,10 @@ import optax
 import pytest
 import qwix
 from flax import nnx
-from helpers import variable_types
 
 import flax_freeze as ff
 from flax_freeze._qwix import check_qwix, is_qwix_lora_base
+from helpers import variable_types
 
 # qwix 0.1.8 uses Flax APIs that Flax 0.12 deprecates (Module.iter_modules, Variable.value,
 # VariableState): its own warnings, not flax_freeze's.

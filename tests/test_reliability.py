@@ -19,6 +19,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+
+import flax_freeze as ff
+from flax_freeze.checkpoint import _files as _ckpt_files
+from flax_freeze.checkpoint._quiet import _quiet_failure
 from helpers import (
     ARRAY_DAMAGE,
     CRAFTED_FILES,
@@ -32,10 +36,6 @@ from helpers import (
     mixed_tree,
     write_flags,
 )
-
-import flax_freeze as ff
-from flax_freeze.checkpoint import _files as _ckpt_files
-from flax_freeze.checkpoint._quiet import _quiet_failure
 
 
 def listing(path):

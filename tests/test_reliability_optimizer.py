@@ -13,12 +13,12 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import loss_fn, param_values
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flax_freeze as ff
 from flax_freeze._optimizer import migrate_opt_state
+from helpers import loss_fn, param_values
 
 X = jax.random.normal(jax.random.key(0), (6, 3))
 Y = jax.random.normal(jax.random.key(1), (6, 2))
