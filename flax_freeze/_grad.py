@@ -14,6 +14,7 @@ from flax import linen, nnx
 from ._boxes import is_frozen_marker
 from ._compat import is_graph_node, jax_to_nnx_path
 from ._filters import (
+    Filter,
     Path,
     Predicate,
     listing,
@@ -317,7 +318,7 @@ def grad(
     f: Callable[..., Any],
     argnums: int | tuple[int, ...] = 0,
     *,
-    wrt: Any = Trainable,
+    wrt: Filter = Trainable,
     has_aux: bool = False,
 ) -> Callable[..., Any]:
     """Gradient of ``f`` with respect to the trainable state of its arguments only.
@@ -399,7 +400,7 @@ def value_and_grad(
     f: Callable[..., Any],
     argnums: int | tuple[int, ...] = 0,
     *,
-    wrt: Any = Trainable,
+    wrt: Filter = Trainable,
     has_aux: bool = False,
 ) -> Callable[..., Any]:
     """Like :func:`grad`, but the function returns ``(value, grads)``.
@@ -487,7 +488,7 @@ def stop_frozen(tree: Any) -> Any:
     )
 
 
-def trainable_tree(tree: Any, *, wrt: Any = Trainable) -> Any:
+def trainable_tree(tree: Any, *, wrt: Filter = Trainable) -> Any:
     """The trainable part of a pytree in the shape :func:`grad` returns: what ``tx.init`` takes.
 
     Args:
@@ -516,7 +517,7 @@ def trainable_tree(tree: Any, *, wrt: Any = Trainable) -> Any:
     """
     pred = to_predicate(wrt, "wrt")
     if is_graph_node(tree):
-        return nnx.state(tree, wrt, graph=True)
+        return nnx.state(tree, pred, graph=True)
     wrapped = _wrap_leaves(tree, pred)
 
     def entry(key_path: Any, x: Any) -> Any:
@@ -526,7 +527,7 @@ def trainable_tree(tree: Any, *, wrt: Any = Trainable) -> Any:
         if isinstance(x, nnx.Variable):
             return x if pred(path, x) else None
         if is_graph_node(x):
-            return nnx.state(x, wrt, graph=True)
+            return nnx.state(x, pred, graph=True)
         return None
 
     return jax.tree_util.tree_map_with_path(entry, wrapped, is_leaf=_is_stop)

@@ -41,6 +41,7 @@ from ._boxes import PARAMS, FrozenBox, frozen, is_frozen_box, is_variables_dict,
 from ._bridge import bridge_variables, from_frozen_box, make_aware
 from ._compat import is_graph_node, jax_to_nnx_path
 from ._filters import (
+    Filter,
     PathRegex,
     check_arity,
     is_nothing,
@@ -174,7 +175,7 @@ def _rebox(
     return out
 
 
-def freeze(tree: Any, filter: Any = None, *, missing_ok: bool = False) -> Any:
+def freeze(tree: Any, filter: Filter = None, *, missing_ok: bool = False) -> Any:
     """Returns a new params or variables dict with the selected parameters frozen.
 
     Each selected parameter gets a :class:`FrozenBox` (no array is copied);
@@ -215,7 +216,7 @@ def freeze(tree: Any, filter: Any = None, *, missing_ok: bool = False) -> Any:
     return _rebox("freeze", tree, filter, missing_ok, box)
 
 
-def unfreeze(tree: Any, filter: Any = None, *, missing_ok: bool = False) -> Any:
+def unfreeze(tree: Any, filter: Filter = None, *, missing_ok: bool = False) -> Any:
     """Returns a new params or variables dict with the selected parameters trainable.
 
     The :class:`FrozenBox` of each selected parameter is removed (other boxes
@@ -569,7 +570,7 @@ class TrainState(train_state.TrainState):
         )
         return self.replace(params=params, opt_state=opt_state)
 
-    def freeze(self, filter: Any = None, *, missing_ok: bool = False) -> TrainState:
+    def freeze(self, filter: Filter = None, *, missing_ok: bool = False) -> TrainState:
         """Returns the state with the selected parameters frozen and optimizer state migrated.
 
         Args:
@@ -585,7 +586,7 @@ class TrainState(train_state.TrainState):
         """
         return self._with_params(freeze(self.params, filter, missing_ok=missing_ok))
 
-    def unfreeze(self, filter: Any = None, *, missing_ok: bool = False) -> TrainState:
+    def unfreeze(self, filter: Filter = None, *, missing_ok: bool = False) -> TrainState:
         """Returns the state with the selected parameters trainable and optimizer state migrated.
 
         Args:
