@@ -23,8 +23,8 @@ from typing import Any
 from flax import nnx
 
 from ._boxes import FrozenBox
-from ._compat import in_transformation
 from ._filters import path_str
+from ._nnx_compat import in_transformation
 from ._variables import PARAM_TYPE_KEY, TRAINED_DTYPE_KEY, FrozenParam
 
 Path = tuple[Any, ...]

@@ -12,7 +12,6 @@ import numpy as np
 from flax import linen, nnx
 
 from ._boxes import is_frozen_marker
-from ._compat import is_graph_node, jax_to_nnx_path
 from ._filters import (
     Filter,
     Path,
@@ -24,6 +23,7 @@ from ._filters import (
     string_filter_advice,
     to_predicate,
 )
+from ._nnx_compat import is_graph_node, jax_to_nnx_path
 from ._retype import collect, is_raw_trainable, selects_leaf
 from ._variables import FrozenParam, Trainable, is_any_param, unregistered_hint
 

@@ -12,8 +12,8 @@ import optax
 from flax import nnx
 from jax.core import Tracer
 
-from ._compat import in_update_context, is_node, jax_to_nnx_path, to_opt_state
 from ._filters import Filter, Path, path_str
+from ._nnx_compat import in_update_context, is_node, jax_to_nnx_path, to_opt_state
 from ._variables import FrozenParam, Trainable
 
 M = TypeVar("M")

@@ -25,8 +25,8 @@ from typing import Any
 
 from flax import nnx
 
-from ._compat import get_node_impl
 from ._filters import Path, listing, path_str, short_repr
+from ._nnx_compat import get_node_impl
 from ._variables import PARAM_TYPE_KEY, FrozenParam
 
 #: Attribute that ``qwix.quantize_model`` (behind ``apply_lora_to_model``) sets on

@@ -15,7 +15,6 @@ from flax import linen, nnx
 from . import _version
 from ._boxes import is_frozen_box
 from ._bridge import check_bridge_retype, sync_bridge_class
-from ._compat import PytreeNodeImpl, get_node_impl, jax_to_nnx_path
 from ._filters import (
     Filter,
     Path,
@@ -28,6 +27,7 @@ from ._filters import (
     short_repr,
     to_predicate,
 )
+from ._nnx_compat import PytreeNodeImpl, get_node_impl, jax_to_nnx_path
 from ._qwix import check_qwix
 from ._variables import (
     FROM_LEAF_KEY,

@@ -19,9 +19,9 @@ from jax.core import Tracer
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from . import _version
-from ._compat import BOOKKEEPING, flatten, raw_slot
 from ._filters import Path, listing, path_str, short_repr
 from ._grad import _describe, value_and_grad
+from ._nnx_compat import BOOKKEEPING, flatten, raw_slot
 from ._optimizer import Optimizer
 from ._variables import FrozenParam, is_any_param
 

@@ -25,9 +25,8 @@ from flax.core import meta
 from flax.training import train_state
 
 from ._boxes import PARAMS, is_foreign_frozen, is_frozen_box, is_variables_dict
-from ._compat import get_node_impl
 from ._filters import Path
-from ._optimizer import Optimizer
+from ._nnx_compat import get_node_impl
 from ._variables import FrozenParam, is_any_param, is_param
 
 Key = tuple[str, ...]
@@ -183,10 +182,10 @@ class Entry:
 
 @dataclass
 class Walked:
-    """A walked node: its entries, ``ff.Optimizer`` nodes and Linen train states, by path."""
+    """A walked node: its entries, its optimizers and its Linen train states, by path."""
 
     entries: list[Entry]
-    optimizers: list[tuple[Path, Optimizer[Any]]] = field(default_factory=list)
+    optimizers: list[tuple[Path, nnx.Optimizer[Any]]] = field(default_factory=list)
     train_states: list[tuple[Path, train_state.TrainState]] = field(default_factory=list)
 
 
@@ -220,7 +219,7 @@ def walk(
     """
     variables: dict[int, Entry] = {}
     leaves: list[Entry] = []
-    optimizers: dict[int, tuple[Path, Optimizer[Any]]] = {}
+    optimizers: dict[int, tuple[Path, nnx.Optimizer[Any]]] = {}
     states: list[tuple[Path, train_state.TrainState]] = []
 
     def visit(
@@ -255,7 +254,7 @@ def walk(
             return
         if id(x) in ancestors:  # a cycle through a parent reference
             return
-        if isinstance(x, Optimizer):
+        if isinstance(x, nnx.Optimizer):
             optimizers.setdefault(id(x), (path, x))
             in_opt = True
         if isinstance(x, train_state.TrainState):

@@ -39,7 +39,6 @@ from flax.training import train_state
 
 from ._boxes import PARAMS, FrozenBox, frozen, is_frozen_box, is_variables_dict, strip_frozen
 from ._bridge import bridge_variables, from_frozen_box, make_aware
-from ._compat import is_graph_node, jax_to_nnx_path
 from ._filters import (
     Filter,
     PathRegex,
@@ -51,6 +50,7 @@ from ._filters import (
     short_repr,
 )
 from ._grad import grad_general, trainable_tree
+from ._nnx_compat import is_graph_node, jax_to_nnx_path
 from ._optimizer import apply_updates, migrate_opt_state
 from ._retype import freeze as _ff_freeze
 from ._retype import is_raw_trainable

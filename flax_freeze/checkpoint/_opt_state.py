@@ -10,9 +10,9 @@ import jax
 from flax import nnx
 from flax.training import train_state
 
-from .._compat import OptArray, OptVariable, jax_to_nnx_path
 from .._filters import Path, path_str
 from .._grad import trainable_tree
+from .._nnx_compat import OptArray, OptVariable, jax_to_nnx_path
 from .._optimizer import Optimizer
 from .._retype import replace
 from .._variables import PARAM_TYPE_KEY, TRAINED_DTYPE_KEY

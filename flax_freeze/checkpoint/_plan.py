@@ -287,6 +287,8 @@ def _plan(layout: _Layout, target: Any, flags: str, partial: bool, verify: bool)
     # Optimizers are given the state structure they had when saved.
     rebuilt: list[tuple[Optimizer[Any], Any, tuple[Path, ...]]] = []
     for opt_path, opt in walked.optimizers:
+        if not isinstance(opt, Optimizer):
+            continue  # a plain nnx.Optimizer records no trained paths: restored as it is
         trained = saved.optimizers.get(path_str(opt_path)) if saved else None
         if trained is None or set(trained) == set(opt.trained_paths):
             continue

@@ -15,6 +15,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from .._filters import path_str
+from .._optimizer import Optimizer
 from .._variables import PARAM_TYPE_KEY, TRAINED_DTYPE_KEY, FrozenParam
 from .._walk import (
     Entry,
@@ -55,7 +56,8 @@ def _saved_value(entry: Entry) -> Any:
 def _build(node: Any, save_id: str) -> tuple[dict[str, Any], Flags]:
     """The ``state`` dict and the flags of ``node`` for the save ``save_id``."""
     walked = walk(node)
-    entries, optimizers = walked.entries, walked.optimizers
+    entries = walked.entries
+    optimizers = [(p, o) for p, o in walked.optimizers if isinstance(o, Optimizer)]
     if not entries:
         raise ValueError(
             f"`node` holds no arrays to save: got {type(node).__name__} {node!r:.200}. "

@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 
-from .._compat import get_var_pspec
+from .._nnx_compat import get_var_pspec
 from .._walk import Entry, Key, join
 
 

@@ -61,7 +61,7 @@ def in_transformation() -> bool:
 
     Example:
         >>> import jax
-        >>> from flax_freeze._compat import in_transformation
+        >>> from flax_freeze._nnx_compat import in_transformation
         >>> in_transformation(), jax.jit(lambda x: (x, in_transformation())[0])(1) == 1
         (False, Array(True, dtype=bool, weak_type=True))
     """
@@ -72,7 +72,7 @@ def in_update_context() -> bool:
     """Whether an NNX update context (``nnx.jit``'s write-back into modules) is active.
 
     Example:
-        >>> from flax_freeze._compat import in_update_context
+        >>> from flax_freeze._nnx_compat import in_update_context
         >>> in_update_context()
         False
     """
@@ -95,7 +95,7 @@ def raw_slot() -> tuple[Callable[[Any], Any], Callable[[Any, Any], Any]]:
     Example:
         >>> import numpy as np
         >>> from flax import nnx
-        >>> from flax_freeze._compat import raw_slot
+        >>> from flax_freeze._nnx_compat import raw_slot
         >>> get, put = raw_slot()
         >>> v = nnx.Variable(np.zeros(2))
         >>> put(v, np.ones(2))
