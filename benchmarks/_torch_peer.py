@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from _models import Setting, Spec
 from _variants import LEARNING_RATE, TORCH, Variant
-from torch import nn
 
 
 class TorchMLP(nn.Module):

@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _models import Setting, Spec, gp_nll
 from flax import nnx
 
 import flax_freeze as ff
+from _models import Setting, Spec, gp_nll
 
 LEARNING_RATE = 1e-3
 CLIP_NORM = 1.0

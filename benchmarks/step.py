@@ -52,6 +52,8 @@ import flax
 import jax
 import numpy as np
 import optax
+
+import flax_freeze as ff
 from _models import Setting, Spec, encoder_spec, gp_spec, mlp_spec, param_paths
 from _variants import (
     DESCRIPTIONS,
@@ -67,8 +69,6 @@ from _variants import (
     TORCH,
     Variant,
 )
-
-import flax_freeze as ff
 
 #: Relative L2 difference allowed between a parameter's update and its reference's.
 UPDATE_RTOL = 1e-3
@@ -514,6 +514,7 @@ def main(
     if torch and peer is None:
         print("torch is not installed: no PyTorch peer (pip install -e '.[bench]').")
     rows: list[dict[str, Any]] = []
+    load_before = os.getloadavg()
     started = time.perf_counter()
     for model in models:
         plan = available[model]
@@ -541,7 +542,7 @@ def main(
     result = {
         "date": datetime.date.today().isoformat(),
         "quick": quick,
-        "machine": machine(peer),
+        "machine": dict(machine(peer), load_average=[load_before[0], os.getloadavg()[0]]),
         "wall_s": time.perf_counter() - started,
         "models": {m: available[m].spec.title for m in models},
         "sizes": {m: available[m].spec.sizes for m in models},
@@ -587,7 +588,8 @@ if __name__ == "__main__":
         "--out",
         type=Path,
         default=None,
-        help="folder for step.json and step.md (default: benchmarks/results, none with --quick)",
+        help="folder for step.json and step.md (default: the next free benchmarks/results/run-N; "
+        "none with --quick)",
     )
     args = parser.parse_args()
     if args.chart:
@@ -596,7 +598,11 @@ if __name__ == "__main__":
         chart.main(args.chart)
         sys.exit()
     if args.out is None and not args.quick:
-        args.out = Path(__file__).parent / "results"
+        results = Path(__file__).parent / "results"
+        runs = 1
+        while (results / f"run-{runs}").exists():
+            runs += 1
+        args.out = results / f"run-{runs}"
     main(
         quick=args.quick,
         models=args.models.split(","),

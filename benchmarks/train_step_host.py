@@ -54,11 +54,11 @@ import flax
 import jax
 import numpy as np
 import optax
-from _models import Setting, Spec, encoder_spec, mlp_spec
 from flax import nnx
 
 import flax_freeze as ff
-from flax_freeze._compat import raw_slot
+from _models import Setting, Spec, encoder_spec, mlp_spec
+from flax_freeze._nnx_compat import raw_slot
 from flax_freeze._train_step import TrainStep
 
 TRAIN_STEP = "TrainStep"

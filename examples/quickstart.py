@@ -8,8 +8,10 @@ On scikit-learn's digits (shipped with the package, no download):
 4. save a checkpoint with the frozen flags halfway, restore it into a fresh
    model, and carry on from the restored one.
 
-Each phase shows a progress bar, the summary table and the test accuracy. The
-loss curve, with the unfreeze points marked, is written as a PNG.
+One ``ff.TrainStep`` trains every phase of the fine-tuning: it follows each
+unfreeze by itself. Each phase shows a progress bar, the summary table and the
+test accuracy. The loss curve, with the unfreeze points marked, is written as a
+PNG.
 
     python examples/quickstart.py [--steps N] [--out DIR]
 """
@@ -69,13 +71,6 @@ def loss_fn(model: Classifier, x: jax.Array, y: jax.Array) -> jax.Array:
 
 
 @nnx.jit
-def train_step(model: Classifier, opt: ff.Optimizer, x: jax.Array, y: jax.Array) -> jax.Array:
-    loss, grads = ff.value_and_grad(loss_fn)(model, x, y)  # grads of trainable state only
-    opt.update(model, grads)  # migrates its state by itself after a freeze change
-    return loss
-
-
-@nnx.jit
 def accuracy(model: Classifier, x: jax.Array, y: jax.Array) -> jax.Array:
     return (model(x).argmax(-1) == y).mean()
 
@@ -93,18 +88,18 @@ def digits(classes: range, seed: int = 0) -> tuple[jax.Array, ...]:
     return (*train_split, jnp.asarray(x[split:]), jnp.asarray(y[split:]))
 
 
-def train(
-    name: str, model: Classifier, opt: ff.Optimizer, data: tuple, steps: int, losses: list[float]
-) -> float:
+def train(name: str, step: ff.TrainStep, data: tuple, steps: int, losses: list[float]) -> float:
     """Trains ``steps`` steps with a progress bar; returns the test accuracy."""
     x, y, xt, yt = data
     rng = np.random.default_rng(len(losses))
     bar = tqdm(range(steps), desc=f"{name:<24}", ncols=90, mininterval=0.5)
     for _ in bar:
         idx = rng.integers(0, len(y), 64)
-        losses.append(float(train_step(model, opt, x[idx], y[idx])))
+        # Gradients of the trainable state only; after a freeze change the step
+        # migrates the optimizer state by itself.
+        losses.append(float(step(x[idx], y[idx])))
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-    acc = float(accuracy(model, xt, yt))
+    acc = float(accuracy(step.model, xt, yt))
     print(f"{name}: test accuracy {acc:.3f}")
     return acc
 
@@ -134,8 +129,7 @@ def main(steps: int = 150, out: str | Path = "out/quickstart") -> dict[str, floa
     pretrain_losses: list[float] = []
     results["pretrain"] = train(
         "pretrain (digits 0-4)",
-        pretrained,
-        ff.Optimizer(pretrained, optax.adam(1e-3)),
+        ff.TrainStep(pretrained, ff.Optimizer(pretrained, optax.adam(1e-3)), loss_fn),
         digits(range(0, 5)),
         steps,
         pretrain_losses,
@@ -145,11 +139,12 @@ def main(steps: int = 150, out: str | Path = "out/quickstart") -> dict[str, floa
     data = digits(range(5, 10))
     model = Classifier(nnx.Rngs(1), backbone=ff.freeze(pretrained.backbone))
     opt = ff.Optimizer(model, optax.adamw(1e-3, weight_decay=1e-2))
+    step = ff.TrainStep(model, opt, loss_fn)  # one compiled step for every phase
     losses: list[float] = []
     marks: list[tuple[int, str]] = []
     print(ff.summary(model))
     frozen_kernel = np.asarray(model.backbone.blocks[0].linear.kernel[...])
-    results["head"] = train("head only", model, opt, data, steps, losses)
+    results["head"] = train("head only", step, data, steps, losses)
     if not np.array_equal(frozen_kernel, np.asarray(model.backbone.blocks[0].linear.kernel[...])):
         raise RuntimeError("the frozen backbone moved during fine-tuning")
 
@@ -161,7 +156,7 @@ def main(steps: int = 150, out: str | Path = "out/quickstart") -> dict[str, floa
         marks.append((len(losses), f"unfreeze block {block}{restored}"))
         print(ff.summary(model))
         name = f"head + blocks {block}-2"
-        results[f"block_{block}"] = train(name, model, opt, data, steps, losses)
+        results[f"block_{block}"] = train(name, step, data, steps, losses)
         if block == 1:
             if checkpoint.exists():
                 shutil.rmtree(checkpoint)
@@ -169,6 +164,7 @@ def main(steps: int = 150, out: str | Path = "out/quickstart") -> dict[str, floa
             fresh = Classifier(nnx.Rngs(2))  # all trainable: the checkpoint brings the flags
             fresh_opt = ff.Optimizer(fresh, optax.adamw(1e-3, weight_decay=1e-2))
             model, opt = ff.checkpoint.restore(checkpoint, (fresh, fresh_opt))
+            step = ff.TrainStep(model, opt, loss_fn)  # a step for the restored model
             frozen_now = {r.path for r in ff.summary(model).rows if r.status == "frozen"}
             print(f"restored {checkpoint}: {len(frozen_now)} frozen arrays, as saved")
             results["restored"] = float(accuracy(model, *data[2:]))

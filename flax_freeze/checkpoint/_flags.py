@@ -59,7 +59,7 @@ class Flags:
         checksums: for each stored array, a checksum of its content (e.g.
             ``"crc32:1c291ca3"``), verified on restore (empty in version 1
             checkpoints).
-        owners: for each ``ff.Optimizer`` of :attr:`optimizers`, the path of
+        owners: for each ``ff.Optimizer`` of ``optimizers``, the path of
             the model it trains in the saved node (``""`` for the node
             itself): the one graph node that holds every parameter the
             optimizer trains, and trains exactly those. Absent when the saved
