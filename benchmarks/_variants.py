@@ -310,11 +310,8 @@ def nnx_variant(spec: Spec, setting: Setting) -> Variant:
     )
 
 
-def nnx_jit_variant(spec: Spec, setting: Setting) -> Variant:
-    """The simple alternative to ``ff.TrainStep``: module and optimizer passed to ``@nnx.jit``."""
-    model = flax_freeze_model(spec, setting)
-    optimizer = ff.Optimizer(model, adam())
-    loss_fn = spec.loss_fn
+def nnx_jit_step(loss_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The README's simple step: ``step(model, optimizer, x, y)`` under ``@nnx.jit``."""
 
     @nnx.jit
     def step(model: nnx.Module, optimizer: ff.Optimizer, x: jax.Array, y: jax.Array) -> Any:
@@ -322,6 +319,14 @@ def nnx_jit_variant(spec: Spec, setting: Setting) -> Variant:
         optimizer.update(model, grads)
         return loss
 
+    return step
+
+
+def nnx_jit_variant(spec: Spec, setting: Setting) -> Variant:
+    """The simple alternative to ``ff.TrainStep``: module and optimizer passed to ``@nnx.jit``."""
+    model = flax_freeze_model(spec, setting)
+    optimizer = ff.Optimizer(model, adam())
+    step = nnx_jit_step(spec.loss_fn)
     return Variant(
         name=NNX_JIT,
         run=lambda x, y: step(model, optimizer, x, y),

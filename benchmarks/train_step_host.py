@@ -58,6 +58,7 @@ from flax import nnx
 
 import flax_freeze as ff
 from _models import Setting, Spec, encoder_spec, mlp_spec
+from _variants import nnx_jit_step
 from flax_freeze._nnx_compat import raw_slot
 from flax_freeze._train_step import TrainStep
 
@@ -119,13 +120,7 @@ def nnx_jit(
     With ``cached`` the call is ``nnx.cached_partial(step, model, optimizer)``.
     """
     model, optimizer = build(spec, setting)
-    loss_fn = spec.loss_fn
-
-    @nnx.jit
-    def step(model: nnx.Module, optimizer: ff.Optimizer, x: jax.Array, y: jax.Array) -> Any:
-        loss, grads = ff.value_and_grad(loss_fn)(model, x, y)
-        optimizer.update(model, grads)
-        return loss
+    step = nnx_jit_step(spec.loss_fn)
 
     call = nnx.cached_partial(step, model, optimizer) if cached else None
     return (

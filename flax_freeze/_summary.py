@@ -9,7 +9,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 from ._filters import path_str
 from ._retype import check_node
@@ -120,23 +119,6 @@ def _size(value: Any) -> tuple[tuple[int, ...], Any, int]:
     # counted in the dtype JAX computes it in (float32 unless x64 is enabled).
     dtype = getattr(value, "dtype", None) or jax.dtypes.canonicalize_dtype(np.result_type(value))
     return shape, dtype, math.prod(shape)
-
-
-def _row(path: str, x: Any, type_name: str, status: str) -> Row:
-    value = x.get_raw_value() if isinstance(x, nnx.Variable) else x
-    if _array_like(value):
-        shape, dtype, count = _size(value)
-        dtype_name, nbytes = str(dtype), count * dtype.itemsize
-    else:
-        # Not an array (a string, None, a container): its Python type in the dtype
-        # column, and the elements of the arrays or numbers it holds, if any.
-        shape, dtype_name, count, nbytes = (), type(value).__name__, 0, 0
-        for leaf in jax.tree.leaves(value):
-            if _array_like(leaf):
-                _, leaf_dtype, leaf_count = _size(leaf)
-                count += leaf_count
-                nbytes += leaf_count * leaf_dtype.itemsize
-    return Row(path, type_name, shape, dtype_name, status, count, nbytes)
 
 
 def table(rows: Any) -> list[str]:
@@ -287,6 +269,18 @@ def summary(node: Any) -> Summary:
 
 def _entry_row(entry: Entry) -> Row:
     """The row of one entry of the walk: under its first path, with its status and type."""
-    value = entry.value if entry.variable is None else entry.variable
+    value = entry.value
+    if _array_like(value):
+        shape, dtype, count = _size(value)
+        dtype_name, nbytes = str(dtype), count * dtype.itemsize
+    else:
+        # Not an array (a string, None, a container): its Python type in the dtype
+        # column, and the elements of the arrays or numbers it holds, if any.
+        shape, dtype_name, count, nbytes = (), type(value).__name__, 0, 0
+        for leaf in jax.tree.leaves(value):
+            if _array_like(leaf):
+                _, leaf_dtype, leaf_count = _size(leaf)
+                count += leaf_count
+                nbytes += leaf_count * leaf_dtype.itemsize
     path = path_str(min(entry.paths, key=path_str))
-    return _row(path, value, type_name(entry), status(entry))
+    return Row(path, type_name(entry), shape, dtype_name, status(entry), count, nbytes)

@@ -20,9 +20,6 @@ STATE = "state"
 FLAGS = "flags"
 
 
-STATUSES = ("trainable", "frozen", "state")
-
-
 #: The key of the state item's orbax custom metadata that marks a flax_freeze checkpoint.
 MARK = "flax_freeze"
 
