@@ -467,6 +467,20 @@ def test_compiled_step_never_copies_frozen_arrays_and_matches_the_split_in_memor
     assert total_bytes(graph_mode)[2] == 0
 
 
+@pytest.mark.parametrize("loss", [0.5, np.nan, np.inf, -np.inf], ids=["finite", "nan", "inf", "-inf"])
+def test_step_count_counts_every_step_whatever_the_loss(loss):
+    model = Plain()
+    opt = ff.Optimizer(model, optax.sgd(0.0))
+    step = TrainStep(model, opt, lambda m, x: (m.body(x) * 0.0).sum() + loss)  # no ReLU
+    for i in range(1, 4):
+        out = step(jnp.ones((2, 4)))
+        assert int(opt.step[...]) == i
+        np.testing.assert_equal(float(out), loss)
+    hlo = step.lower(jnp.ones((2, 4))).compile().as_text()
+    # Tied to the loss: the one comparison of the program is the loss's, in the count.
+    assert len(re.findall(r"direction=GT", hlo)) == 1
+
+
 # --- what steps meet in practice -----------------------------------------------------------------
 
 
