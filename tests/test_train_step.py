@@ -467,7 +467,9 @@ def test_compiled_step_never_copies_frozen_arrays_and_matches_the_split_in_memor
     assert total_bytes(graph_mode)[2] == 0
 
 
-@pytest.mark.parametrize("loss", [0.5, np.nan, np.inf, -np.inf], ids=["finite", "nan", "inf", "-inf"])
+@pytest.mark.parametrize(
+    "loss", [0.5, np.nan, np.inf, -np.inf], ids=["finite", "nan", "inf", "-inf"]
+)
 def test_step_count_counts_every_step_whatever_the_loss(loss):
     model = Plain()
     opt = ff.Optimizer(model, optax.sgd(0.0))
