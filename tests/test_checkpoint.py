@@ -89,7 +89,8 @@ def test_flags_records_paths_and_types(tmp_path):
     assert flags.keys == {"drop/rngs/key": "threefry2x32"}
     data = json.loads((tmp_path / "ckpt" / "flags" / "metadata").read_text())
     assert data["format"] == ffc.FORMAT
-    assert data["version"] == 2
+    assert data["version"] == 3
+    assert data["base"] == {}
     assert re.fullmatch(r"[0-9a-f]{32}", data["save_id"])
     assert set(data["checksums"]) == set(data["arrays"])
 
@@ -517,14 +518,14 @@ def test_missing_paths_both_ways_and_partial(tmp_path):
         (lambda d: "{not json", r"flags item of checkpoint .* is not valid JSON"),
         (lambda d: {**d, "format": "other"}, r"is not a flax_freeze flags item \(format 'other'\)"),
         (lambda d: [1], r"is not a flax_freeze flags item \(format 'list'\)"),
-        (lambda d: {**d, "version": 3}, r"has version 3; this flax_freeze reads version 2"),
+        (lambda d: {**d, "version": 4}, r"has version 4; this flax_freeze reads version 3"),
         (lambda d: {**d, "frozen": "b"}, r"has a malformed 'frozen' entry: 'b'"),
         (lambda d: {**d, "types": {"a": 1}}, r"has a malformed 'types' entry"),
         (lambda d: {**d, "optimizers": []}, r"has a malformed 'optimizers' entry: \[\]"),
         (lambda d: {**d, "optimizers": {"": [["a", 1.5]]}}, r"malformed 'optimizers' entry for ''"),
         (
             lambda d: {**d, "frozen": ["b", "nope/kernel"]},
-            r"names paths that are not in its state item: \[nope/kernel\]",
+            r"names paths that are neither in its state item nor in its base: \[nope/kernel\]",
         ),
         (
             lambda d: {**d, "param_types": {"a": "x.LoRAParam"}},

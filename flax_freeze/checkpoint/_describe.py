@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from etils import epath
 
 from .._summary import Row, Totals, human_bytes, table
 from .._walk import join
+from ._flags import Flags
 from ._layout import _checkpoint_or_step, _locate
 from ._read import _read
 
@@ -28,12 +31,24 @@ class Description:
         rows: one :class:`~flax_freeze.Row` per stored array, sorted by path.
         step: the step of a ``CheckpointManager`` directory it describes;
             None for a checkpoint directory.
+        base: for an adapter checkpoint (``save(..., only=...)``), one row per
+            path it does not hold and expects from a base, with the flags it
+            was saved with; empty for other checkpoints.
+        fingerprint: for each path of ``base``, the content checksum it
+            expects (None where values are not compared).
     """
 
     directory: str
     has_flags: bool
     rows: tuple[Row, ...]
     step: int | None = None
+    base: tuple[Row, ...] = ()
+    fingerprint: Mapping[str, str | None] = field(default_factory=dict)
+
+    @property
+    def is_adapter(self) -> bool:
+        """Whether the checkpoint holds only part of a node and expects the rest from a base."""
+        return bool(self.base)
 
     @property
     def totals(self) -> Totals:
@@ -59,6 +74,21 @@ class Description:
                 for r in self.rows
             ],
             "totals": self.totals.to_json(),
+            "adapter": self.is_adapter,
+            "base": [
+                {
+                    "path": r.path,
+                    "type": r.type,
+                    "shape": list(r.shape),
+                    "dtype": r.dtype,
+                    "status": r.status,
+                    "count": r.count,
+                    "bytes": r.bytes,
+                    "checksum": self.fingerprint.get(r.path),
+                }
+                for r in self.base
+            ],
+            "base_totals": Totals.of(self.base).to_json(),
         }
 
     def __str__(self) -> str:
@@ -66,9 +96,36 @@ class Description:
         flags = "flax_freeze flags" if self.has_flags else "no flags (plain orbax checkpoint)"
         totals = self.totals
         total = f"total {totals.total_count:,} ({human_bytes(totals.total_bytes)})"
-        return "\n".join(
-            [f"{self.directory}: {flags}", *table(self.rows), f"{totals.line()}, {total}"]
-        )
+        if self.is_adapter:
+            flags += (
+                f"; an adapter: holds {len(self.rows)} path(s), expects {len(self.base)} "
+                "from a base"
+            )
+        lines = [f"{self.directory}: {flags}", *table(self.rows), f"{totals.line()}, {total}"]
+        if self.is_adapter:
+            base = Totals.of(self.base)
+            lines += [
+                "",
+                "expected from a base (its fingerprint):",
+                *_with_checksums(table(self.base), self.base, self.fingerprint),
+                f"{base.line()}, total {base.total_count:,} ({human_bytes(base.total_bytes)})",
+            ]
+        return "\n".join(lines)
+
+
+def _with_checksums(
+    lines: list[str], rows: tuple[Row, ...], fingerprint: Mapping[str, str | None]
+) -> list[str]:
+    """A table's lines with a checksum column after the last."""
+    width = len(lines[0])
+    cells = ["checksum", *(fingerprint.get(r.path) or "-" for r in rows)]
+    out = [lines[0].ljust(width) + "  " + cells[0]]
+    out.append("-" * (width + 2 + max(map(len, cells))))
+    out += [
+        line.ljust(width) + "  " + cell for line, cell in zip(lines[2:-1], cells[1:], strict=True)
+    ]
+    out.append(out[1])
+    return out
 
 
 def describe(directory: str | epath.PathLike, *, step: int | None = None) -> Description:
@@ -121,17 +178,35 @@ def describe(directory: str | epath.PathLike, *, step: int | None = None) -> Des
             type_name, status = "-", "unknown"
         else:
             type_name = flags.types.get(name, "Array").rpartition(".")[2]
-            status = (
-                "frozen"
-                if name in flags.frozen
-                else "trainable"
-                if name in flags.trainable
-                else "state"
-            )
+            status = _status(flags, name)
         impl = flags.keys.get(name) if flags else None
         dtype = f"key<{impl}> data ({meta.dtype.name})" if impl else meta.dtype.name
         rows.append(
             Row(name, type_name, meta.shape, dtype, status, count, count * meta.dtype.itemsize)
         )
     rows.sort(key=lambda r: r.path)
-    return Description(str(layout.root), flags is not None, tuple(rows), step)
+    base = []
+    for name, (shape, dtype, _) in sorted(flags.base.items() if flags else ()):
+        assert flags is not None
+        count = math.prod(shape)
+        base.append(
+            Row(
+                name,
+                flags.types.get(name, "Array").rpartition(".")[2],
+                shape,
+                dtype,
+                _status(flags, name),
+                count,
+                count * np.dtype(dtype).itemsize,
+            )
+        )
+    fingerprint = {name: spec[2] for name, spec in flags.base.items()} if flags else {}
+    return Description(
+        str(layout.root), flags is not None, tuple(rows), step, tuple(base), fingerprint
+    )
+
+
+def _status(flags: Flags, name: str) -> str:
+    if name in flags.frozen:
+        return "frozen"
+    return "trainable" if name in flags.trainable else "state"

@@ -15,8 +15,9 @@ from ._checksum import PATTERN
 
 #: The ``format`` entry of a flags item written by ``ff.checkpoint``.
 FORMAT = "flax_freeze.checkpoint"
-#: Version 2 adds ``save_id`` and ``checksums``; version 1 checkpoints still restore.
-VERSION = 2
+#: Version 2 adds ``save_id`` and ``checksums``, version 3 ``base`` (adapter checkpoints);
+#: checkpoints of earlier versions still restore.
+VERSION = 3
 _SHOWN = 8
 _HEX = re.compile(r"[0-9a-f]{32}")
 
@@ -66,6 +67,12 @@ class Flags:
             node does not hold its model, or holds several that fit, and in
             checkpoints of earlier versions; a restore then finds the model
             in the target the same way.
+        base: for an adapter checkpoint (``save(..., only=...)``), the
+            fingerprint of what it left out and expects from a base: for each
+            path not stored, its shape, dtype and content checksum (None where
+            values are not compared: RNG state, optimizer state of parameters
+            not saved, and every path of a save with ``fingerprint="shapes"``).
+            Empty for a checkpoint of the whole node.
     """
 
     frozen: frozenset[str] = frozenset()
@@ -79,6 +86,12 @@ class Flags:
     save_id: str | None = None
     checksums: Mapping[str, str] = field(default_factory=dict)
     owners: Mapping[str, str] = field(default_factory=dict)
+    base: Mapping[str, tuple[tuple[int, ...], str, str | None]] = field(default_factory=dict)
+
+    @property
+    def is_adapter(self) -> bool:
+        """Whether the checkpoint holds only part of a node and expects the rest from a base."""
+        return bool(self.base)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON item, as stored."""
@@ -101,6 +114,10 @@ class Flags:
             "save_id": self.save_id,
             "checksums": dict(sorted(self.checksums.items())),
             "owners": dict(sorted(self.owners.items())),
+            "base": {
+                name: {"shape": list(shape), "dtype": dtype, "checksum": checksum}
+                for name, (shape, dtype, checksum) in sorted(self.base.items())
+            },
         }
 
     @classmethod
@@ -150,21 +167,34 @@ class Flags:
             if not ok:
                 raise bad(f"has a malformed 'optimizers' entry for {name!r}: {paths!r:.200}")
             optimizers[name] = tuple(sorted((tuple(p) for p in paths), key=path_str))
-        arrays: dict[str, tuple[tuple[int, ...], str]] = {}
-        raw = data.get("arrays", {})
-        if not isinstance(raw, dict):
-            raise bad(f"has a malformed 'arrays' entry: {raw!r:.200}")
-        for name, spec in raw.items():
-            shape = spec.get("shape") if isinstance(spec, dict) else None
-            dtype = spec.get("dtype") if isinstance(spec, dict) else None
-            if (
-                not isinstance(shape, list)
-                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
-                or not isinstance(dtype, str)
-                or not _is_dtype(dtype)
-            ):
-                raise bad(f"has a malformed 'arrays' entry for {name!r}: {spec!r:.200}")
-            arrays[name] = (tuple(shape), dtype)
+
+        def specs(name: str) -> dict[str, tuple[tuple[int, ...], str, str | None]]:
+            raw = data.get(name, {})
+            if not isinstance(raw, dict):
+                raise bad(f"has a malformed {name!r} entry: {raw!r:.200}")
+            out = {}
+            for path, spec in raw.items():
+                shape = spec.get("shape") if isinstance(spec, dict) else None
+                dtype = spec.get("dtype") if isinstance(spec, dict) else None
+                checksum = spec.get("checksum") if isinstance(spec, dict) else None
+                if (
+                    not isinstance(shape, list)
+                    or not all(
+                        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+                    )
+                    or not isinstance(dtype, str)
+                    or not _is_dtype(dtype)
+                    or not (
+                        checksum is None
+                        or (isinstance(checksum, str) and PATTERN.fullmatch(checksum))
+                    )
+                ):
+                    raise bad(f"has a malformed {name!r} entry for {path!r}: {spec!r:.200}")
+                out[path] = (tuple(shape), dtype, checksum)
+            return out
+
+        arrays = {k: (shape, dtype) for k, (shape, dtype, _) in specs("arrays").items()}
+        base = specs("base") if version >= 3 else {}
         save_id = data.get("save_id")
         if version >= 2 and not (isinstance(save_id, str) and _HEX.fullmatch(save_id)):
             raise bad(f"has a malformed 'save_id' entry: {save_id!r:.200}")
@@ -188,6 +218,7 @@ class Flags:
             save_id if version >= 2 else None,
             checksums,
             mapping("owners"),
+            base,
         )
         if not set(flags.owners) <= set(optimizers):
             raise bad(
@@ -201,10 +232,14 @@ class Flags:
                 f"dtypes): {bad_dtypes!r:.200}"
             )
         stored = set(arrays) if stored is None else set(stored)
-        named = flags.frozen | flags.trainable | set(flags.types) | set(flags.keys)
-        unknown = named - stored
+        if set(base) & stored:
+            raise bad(f"lists stored paths as left out: {show(set(base) & stored)}")
+        named = flags.frozen | flags.trainable | set(flags.types)
+        unknown = (named - stored - set(base)) | (set(flags.keys) - stored)
         if unknown:
-            raise bad(f"names paths that are not in its state item: {show(unknown)}")
+            raise bad(
+                f"names paths that are neither in its state item nor in its base: {show(unknown)}"
+            )
         for name, entry in (("types", flags.param_types), ("dtypes", flags.trained_dtypes)):
             extra = set(entry) - flags.frozen
             if extra:

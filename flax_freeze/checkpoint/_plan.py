@@ -36,6 +36,8 @@ from .._walk import (
     shape_dtype,
     walk,
 )
+from ._adapter import base_keys, check_concrete
+from ._adapter import check_base as check_base_of
 from ._checksum import matches
 from ._common import T, _describe, _flatten, _insert, _key_data_shape
 from ._flags import Flags, show
@@ -256,8 +258,21 @@ def _from_stored(target_value: Any, data: Any, impl: str | None) -> Any:
     return data
 
 
-def _plan(layout: _Layout, target: Any, flags: str, partial: bool, verify: bool) -> _Plan:
-    """Works out a restore: reads flags and metadata, checks them, plans the re-typing."""
+def _plan(
+    layout: _Layout,
+    target: Any,
+    flags: str,
+    partial: bool,
+    verify: bool,
+    check_base: bool = True,
+) -> _Plan:
+    """Works out a restore: reads flags and metadata, checks them, plans the re-typing.
+
+    An adapter checkpoint is planned onto the target as its base: the target
+    must be concrete, its paths that the checkpoint does not hold must match
+    the base's fingerprint (unless ``check_base`` is False), and the saved
+    flags apply to them too.
+    """
     if flags not in ("checkpoint", "target"):
         raise ValueError(
             f"`flags` must be 'checkpoint' (re-type the target to the saved flags) or "
@@ -273,7 +288,13 @@ def _plan(layout: _Layout, target: Any, flags: str, partial: bool, verify: bool)
             f"{target!r:.200}. Pass a module, an optimizer, or a pytree of them or of arrays "
             "(concrete, or abstract from nnx.eval_shape)."
         )
-    retype = _plan_retype(saved, entries, stored) if saved is not None else None
+    adapter = saved is not None and saved.is_adapter
+    known = stored
+    if saved is not None and adapter:
+        check_concrete(entries, where)
+        base = {k: _Stored(shape, dtype) for k, (shape, dtype) in base_keys(saved.base).items()}
+        known = {**base, **stored}
+    retype = _plan_retype(saved, entries, known) if saved is not None else None
     if retype is not None and retype.not_params and flags == "checkpoint":
         name, variable = retype.not_params[0]
         raise ValueError(
@@ -342,6 +363,10 @@ def _plan(layout: _Layout, target: Any, flags: str, partial: bool, verify: bool)
         missing, mismatched = _plan_opt_states(
             opt, entries, stored, saved, flags, reads, consumed, missing, mismatched
         )
+    if saved is not None and adapter:
+        # Paths of the base are the target's own: not missing. With check_base=False
+        # the target's other paths stay as they are too.
+        missing = [] if not check_base else [e for e in missing if e.key not in known]
     unused = [join(k) for k in stored if k not in consumed]
     if mismatched:
         if saved is not None and saved.checksums and verify:
@@ -382,6 +407,8 @@ def _plan(layout: _Layout, target: Any, flags: str, partial: bool, verify: bool)
             ),
             stacklevel=3,
         )
+    if saved is not None and adapter and check_base:
+        check_base_of(saved.base, entries, stored, where)
     return _Plan(
         layout,
         reads,

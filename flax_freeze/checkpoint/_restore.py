@@ -81,6 +81,7 @@ def restore_args(
     flags: Literal["checkpoint", "target"] = "checkpoint",
     partial: bool = False,
     verify: bool = True,
+    check_base: bool = True,
 ) -> RestoreArgs:
     """The ``args`` for ``ocp.CheckpointManager.restore`` that restore into ``target`` with flags.
 
@@ -98,6 +99,7 @@ def restore_args(
         flags: as for :func:`restore`.
         partial: as for :func:`restore`.
         verify: as for :func:`restore`.
+        check_base: as for :func:`restore`.
 
     Returns:
         A :class:`RestoreArgs`: ``args.finish(manager.restore(args.step, args=args))``.
@@ -132,7 +134,8 @@ def restore_args(
             f"item, so CheckpointManager.restore cannot take these args. Use "
             f"ff.checkpoint.restore({str(directory)!r}, target) instead."
         )
-    return RestoreArgs(_plan(layout, target, flags, partial, verify), target, step, verify)
+    plan = _plan(layout, target, flags, partial, verify, check_base)
+    return RestoreArgs(plan, target, step, verify)
 
 
 def restore(
@@ -142,6 +145,7 @@ def restore(
     flags: Literal["checkpoint", "target"] = "checkpoint",
     partial: bool = False,
     verify: bool = True,
+    check_base: bool = True,
 ) -> T:
     """Restores a checkpoint into ``target``, with its frozen flags.
 
@@ -173,6 +177,16 @@ def restore(
     its boxes stay, and the saved ``opt_state`` is migrated to them as
     ``ffl.TrainState.freeze``/``unfreeze`` would (fresh state for parameters
     trainable only now).
+
+    Adapter checkpoints (``save(..., only=...)``) are restored onto
+    ``target`` as their base: it must be concrete, built and loaded by any
+    means (e.g. from the base's own checkpoint). The saved variables (and
+    optimizer state) are put in place, the saved flags apply to every path,
+    base included, and the target's other paths are checked against the
+    fingerprint the adapter recorded: a base with other paths, shapes, dtypes
+    or values is refused, naming the first paths that differ, before anything
+    changes. ``check_base=False`` skips that check and leaves every path the
+    checkpoint does not hold as it is.
 
     Modules and optimizers (concrete or abstract) are filled in place; pytrees
     are immutable and come back rebuilt. Use the return value.
@@ -207,6 +221,9 @@ def restore(
             ``benchmarks/checkpoint_cost.py``). With ``verify=False`` the
             arrays are read unchecked, and the flags' shapes and dtypes are
             compared with orbax's metadata of each array instead.
+        check_base: for an adapter checkpoint, check that ``target`` is the
+            base it was saved with (paths, shapes, dtypes and, where
+            recorded, content checksums). Ignored for other checkpoints.
 
     Returns:
         ``target`` filled from the checkpoint.
@@ -219,7 +236,8 @@ def restore(
             if an array cannot be read or does not match its checksum; if tied
             paths differ; if shapes or dtypes differ; if paths are missing from
             either side (unless ``partial``); if ``flags`` is not one of the
-            two values.
+            two values; for an adapter checkpoint, if ``target`` is abstract
+            or (unless ``check_base`` is False) differs from its base.
 
     Example:
         >>> import os, tempfile
@@ -254,7 +272,7 @@ def restore(
         try:
             layout = _locate(path)
             identity = _identity(layout.root)
-            plan = _plan(layout, target, flags, partial, verify)
+            plan = _plan(layout, target, flags, partial, verify, check_base)
             restored = _read_arrays(plan)
         except (FileNotFoundError, ValueError):
             if attempt < _ATTEMPTS and _being_replaced(path, identity):
