@@ -366,7 +366,8 @@ def _plan(
     if saved is not None and adapter:
         # Paths of the base are the target's own: not missing. With check_base=False
         # the target's other paths stay as they are too.
-        missing = [] if not check_base else [e for e in missing if e.key not in known]
+        # A path neither stored nor in the base is named by the base's check.
+        missing = []
     unused = [join(k) for k in stored if k not in consumed]
     if mismatched:
         if saved is not None and saved.checksums and verify:
