@@ -5,7 +5,9 @@ each). All of them together:
 
 1. train data-parallel for a few steps with the backbone frozen (only the
    head's gradients are all-reduced across processes);
-2. save one checkpoint with the frozen flags through orbax, from all processes;
+2. save one checkpoint with the frozen flags through orbax, from all processes,
+   and an adapter checkpoint of what trained (``only=ff.Trainable``), which
+   they restore onto a fresh base;
 3. restore it into a fresh model (which declares nothing frozen: the
    checkpoint brings the flags), unfreeze the top backbone layer, train on.
 
@@ -127,6 +129,21 @@ def worker(process_id: int, processes: int, port: int, out: Path, steps: int) ->
     checkpoint = (out / "checkpoint").absolute()
     ff.checkpoint.save(checkpoint, (model, opt))  # every process writes its part
 
+    # 2b. An adapter checkpoint of what trained (the head and its optimizer state), from all
+    # processes, restored onto a fresh base: the backbone is checked against its fingerprint.
+    adapter = (out / "adapter").absolute()
+    ff.checkpoint.save(adapter, (model, opt), only=ff.Trainable)
+    fresh, fresh_opt = ff.checkpoint.restore(adapter, make(frozen=False))
+    same = all(
+        np.array_equal(jax.device_get(a), jax.device_get(b))
+        for a, b in zip(
+            jax.tree.leaves(nnx.state((fresh, fresh_opt))),
+            jax.tree.leaves(nnx.state((model, opt))),
+            strict=True,
+        )
+    )
+    stored = len(ff.checkpoint.read_flags(adapter).arrays)
+
     # 3. Restore into a model that declares nothing frozen, unfreeze the top layer, go on.
     model, opt = ff.checkpoint.restore(checkpoint, make(frozen=False))
     frozen = sorted(r.path for r in ff.summary(model).rows if r.status == "frozen")
@@ -145,6 +162,7 @@ def worker(process_id: int, processes: int, port: int, out: Path, steps: int) ->
             f"restored with frozen {frozen}; final loss {float(loss):.5f}; "
             f"wrote {out / 'weights.npz'}"
         )
+        print(f"adapter of {stored} arrays restored onto a fresh base: identical {same}")
 
 
 def main() -> None:

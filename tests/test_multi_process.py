@@ -21,6 +21,7 @@ def run(tmp_path: Path, processes: int, devices: int) -> dict[str, np.ndarray]:
     assert (
         "restored with frozen ['layers/0/bias', 'layers/0/kernel', 'layers/1/bias'" in result.stdout
     )
+    assert "adapter of 8 arrays restored onto a fresh base: identical True" in result.stdout
     with np.load(out / "weights.npz") as data:
         return dict(data)
 
