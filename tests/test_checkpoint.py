@@ -985,4 +985,8 @@ def test_cost_benchmark_runs(tmp_path, capsys):
         "checksums / save",
     }
     assert json.loads((tmp_path / "checkpoint_cost.json").read_text())["repeats"] == 1
+    adapter = results["adapter"]["models"]["MLP 2x32"]
+    assert adapter["disk_bytes"]["adapter"] < adapter["disk_bytes"]["full"]
+    assert 0 < adapter["overhead_bytes"] < 20_000 + 2_000 * adapter["arrays_stored"]
+    assert set(adapter["ratios"]) >= {"adapter save / full", "adapter restore / full"}
     assert "MLP 2x32" in capsys.readouterr().out

@@ -11,7 +11,8 @@ A checkpoint written by :func:`save` (or by ``ocp.CheckpointManager.save`` with
   type and dtype of each frozen parameter where they differ from
   ``nnx.Param`` and its stored dtype, the implementation of each PRNG key
   (keys are stored as their key data), each array's shape and dtype and, for
-  each ``ff.Optimizer``, the paths it trains.
+  each ``ff.Optimizer``, the paths it trains; for an adapter checkpoint
+  (``save(..., only=...)``), the fingerprint of the base it left out.
 
 :func:`restore` reads the flags and the arrays' metadata first (shapes and
 dtypes, no array data), checks them against the target, re-types the target to

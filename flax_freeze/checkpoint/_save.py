@@ -255,7 +255,7 @@ def save(
     flags still cover every path (what was frozen and trainable, the types),
     and of each path left out the flags record a fingerprint: its shape,
     dtype and a CRC-32 of its content (the same checksum as of the stored
-    arrays, about 4 GB/s on one CPU core; ``fingerprint="shapes"`` skips it
+    arrays, 1.4-4 GB/s on one CPU core; ``fingerprint="shapes"`` skips it
     for a huge base). Left out unchecked are RNG state, which training
     advances, and the optimizer state of parameters not selected, which
     starts afresh on restore. :func:`restore` puts the adapter onto a
