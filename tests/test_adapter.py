@@ -397,3 +397,14 @@ def test_sharded_adapter_restores_onto_a_sharded_base_with_its_shardings(tmp_pat
     np.testing.assert_array_equal(target.body_lora.lora_b[...], model.body_lora.lora_b[...])
     with pytest.raises(ValueError, match=r"another base"):
         ff.checkpoint.restore(tmp_path / "a", sharded(1))
+
+
+def test_a_saved_tuple_restored_into_a_module_gets_a_hint(tmp_path):
+    model, opt = fine_tuned()
+    ff.checkpoint.save(tmp_path / "a", (model, opt), only=nnx.LoRAParam)
+    hint = r"a saved tuple of 2 \(its paths start with 0/, 1/...\): restore into a tuple"
+    with pytest.raises(ValueError, match=hint):
+        ff.checkpoint.restore(tmp_path / "a", base()[0])
+    with pytest.warns(ff.checkpoint.PartialRestoreWarning, match=r"ignored \(not in the target\)"):
+        restored = ff.checkpoint.restore(tmp_path / "a", (base()[0],), partial=True)
+    np.testing.assert_array_equal(restored[0](X), model(X))

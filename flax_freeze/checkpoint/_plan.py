@@ -383,8 +383,8 @@ def _plan(
             raise ValueError(
                 f"Checkpoint {where!r} and `target` ({type(target).__name__}) hold different "
                 f"paths. Missing from the checkpoint: {show(missing_paths)}; not in the target: "
-                f"{show(unused)}. Pass partial=True to restore the paths that match and "
-                "leave the rest as they are."
+                f"{show(unused)}. {_tuple_hint(target, stored)}Pass partial=True to restore "
+                "the paths that match and leave the rest as they are."
             )
         if not reads:
             raise ValueError(
@@ -419,6 +419,18 @@ def _plan(
         linen_states,
         saved,
         opt,
+    )
+
+
+def _tuple_hint(target: Any, stored: Mapping[Key, _Stored]) -> str:
+    """A hint for a saved tuple (``(model, opt)``) restored into something that is no tuple."""
+    firsts = {k[0] for k in stored if k}
+    if isinstance(target, tuple | list) or not firsts or not all(f.isdigit() for f in firsts):
+        return ""
+    return (
+        f"The checkpoint holds a saved tuple of {max(map(int, firsts)) + 1} (its paths start "
+        "with 0/, 1/...): restore into a tuple of the same nodes, e.g. (model, optimizer), "
+        "or into (model,) with partial=True. "
     )
 
 
