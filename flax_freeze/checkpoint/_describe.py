@@ -61,33 +61,10 @@ class Description:
             "directory": self.directory,
             "step": self.step,
             "has_flags": self.has_flags,
-            "variables": [
-                {
-                    "path": r.path,
-                    "type": r.type,
-                    "shape": list(r.shape),
-                    "dtype": r.dtype,
-                    "status": r.status,
-                    "count": r.count,
-                    "bytes": r.bytes,
-                }
-                for r in self.rows
-            ],
+            "variables": [_row_json(r) for r in self.rows],
             "totals": self.totals.to_json(),
             "adapter": self.is_adapter,
-            "base": [
-                {
-                    "path": r.path,
-                    "type": r.type,
-                    "shape": list(r.shape),
-                    "dtype": r.dtype,
-                    "status": r.status,
-                    "count": r.count,
-                    "bytes": r.bytes,
-                    "checksum": self.fingerprint.get(r.path),
-                }
-                for r in self.base
-            ],
+            "base": [{**_row_json(r), "checksum": self.fingerprint.get(r.path)} for r in self.base],
             "base_totals": Totals.of(self.base).to_json(),
         }
 
@@ -111,6 +88,18 @@ class Description:
                 f"{base.line()}, total {base.total_count:,} ({human_bytes(base.total_bytes)})",
             ]
         return "\n".join(lines)
+
+
+def _row_json(row: Row) -> dict[str, Any]:
+    return {
+        "path": row.path,
+        "type": row.type,
+        "shape": list(row.shape),
+        "dtype": row.dtype,
+        "status": row.status,
+        "count": row.count,
+        "bytes": row.bytes,
+    }
 
 
 def _with_checksums(
