@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flax_freeze as ff
+from flax_freeze._groups import count_paths
 from flax_freeze._optimizer import migrate_opt_state
 from helpers import loss_fn, param_values
 
@@ -112,12 +113,32 @@ CATALOGUE = {
 }
 
 
-def check_migration(old, new, fresh, stayed, newly):
-    """Every leaf of ``new``: kept from ``old``, or fresh, by whom it belongs to."""
+def first_group_counts(opt, after):
+    """keystr -> value of each step count that the oldest group still trained has now.
+
+    None when no group trained before is trained after: the first group is new, fresh.
+    """
+    keys = [jax.tree_util.keystr(k) for k in count_paths(nnx.as_pure(opt.opt_state), False)]
+    for group, values in zip(opt.groups, opt._group_values(), strict=True):
+        if {"/".join(map(str, p)) for p in group} & after:
+            return dict(zip(keys, (np.array(v) for v in values[1:]), strict=True))
+    return None
+
+
+def check_migration(old, new, fresh, stayed, newly, counts):
+    """Every leaf of ``new``: kept from ``old``, or fresh, by whom it belongs to.
+
+    A step count is the oldest group's: kept from before (``counts``) while that
+    group is trained, else fresh.
+    """
     assert set(new) == set(fresh)
     for key, leaf in new.items():
         p = owner(key)
-        if p is not None:
+        if counts is not None and key in counts:
+            want = counts[key]
+        elif counts is None and key.endswith(".count") and key in fresh:
+            want = fresh[key]
+        elif p is not None:
             assert p in stayed | newly, key
             want = old[key] if p in stayed else fresh[key]
         elif leaf.shape == ():  # shared counters and hyperparameters run on
@@ -143,11 +164,14 @@ def run_sequence(name, frozen_sets, steps):
         set_frozen(model, frozen)
         after = trainable(model)
         fresh = state_leaves(tx.init(nnx.state(model, ff.Trainable)))
+        counts = first_group_counts(opt, after)
         assert opt.migrate(model) is (before != after)
         if before == after:
             continue
         changes += 1
-        check_migration(old, state_leaves(opt.opt_state), fresh, before & after, after - before)
+        check_migration(
+            old, state_leaves(opt.opt_state), fresh, before & after, after - before, counts
+        )
         for _ in range(steps):
             frozen_values = {k: v for k, v in param_values(model).items() if k not in after}
             run(model, opt)
@@ -320,16 +344,23 @@ def test_migration_inside_nnx_jit_gives_flatten_fresh_state():
 
     for _ in range(2):
         step(model, opt)
-    twin = ff.freeze(Zoo(), ff.PathRegex("a"))
-    twin_opt = ff.Optimizer(twin, optax.flatten(optax.adam(0.05)))
-    copy_values(model, twin)  # the twin: same values, a fresh optimizer at count 2
-    twin_opt.opt_state[0].count[...] = jnp.asarray(2, jnp.int32)
+    # Twins with the same values and fresh flat state: the parameters that stayed trainable
+    # at count 2, the newly trainable `b` in a group of its own, from count 0.
+    twins = {}
+    for count in (2, 0):
+        twin = ff.freeze(Zoo(), ff.PathRegex("a"))
+        twin_opt = ff.Optimizer(twin, optax.flatten(optax.adam(0.05)))
+        copy_values(model, twin)
+        twin_opt.opt_state[0].count[...] = jnp.asarray(count, jnp.int32)
+        step(twin, twin_opt)
+        twins[count] = param_values(twin)
     swap_and_step(model, opt)
-    step(twin, twin_opt)
-    got, want = param_values(model), param_values(twin)
-    for k in want:
-        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    got = param_values(model)
+    for k in got:
+        want = twins[0 if k == "b" else 2][k]
+        np.testing.assert_allclose(got[k], want, rtol=1e-6, atol=1e-7, err_msg=k)
     assert int(opt.opt_state[0].count[...]) == 3
+    assert [int(g[1][...]) for g in opt.group_counts] == [3, 1]
 
 
 # ----------------------------------------------------------------------------- MultiSteps
