@@ -11,6 +11,9 @@ named here, and the other modules import it from here:
   ``OptVariable``, ``to_opt_state``) and a variable's partition spec
   (``get_var_pspec``).
 - Whether JAX is tracing right now (:func:`in_transformation`).
+- Splitting a traced function by partial evaluation, dead-code elimination
+  and evaluation of the parts (:func:`partial_eval_jaxpr`, :func:`dce_jaxpr`,
+  :func:`eval_jaxpr`), for step counts of a parameter's own.
 - Where a variable keeps its value (:func:`raw_slot`) and the bookkeeping
   attribute every NNX object has (:data:`BOOKKEEPING`), for the training
   step's host-time path.
@@ -33,9 +36,13 @@ from flax.nnx.graphlib import jax_to_nnx_path as jax_to_nnx_path
 from flax.nnx.spmd import get_var_pspec
 from flax.nnx.training.optimizer import OptArray, OptVariable, to_opt_state
 from jax._src import core as jax_core
+from jax._src.interpreters import partial_eval as pe
 
 __all__ = [
     "BOOKKEEPING",
+    "dce_jaxpr",
+    "eval_jaxpr",
+    "partial_eval_jaxpr",
     "OptArray",
     "OptVariable",
     "PytreeNodeImpl",
@@ -116,3 +123,25 @@ def raw_slot() -> tuple[Callable[[Any], Any], Callable[[Any, Any], Any]]:
         if works:
             return get, put
     return nnx.Variable.get_raw_value, nnx.Variable.set_raw_value
+
+
+def partial_eval_jaxpr(closed: Any, unknowns: list[bool]) -> tuple[Any, Any, list[bool]]:
+    """``(known, unknown, out_unknown)``: a closed jaxpr split by data dependence.
+
+    ``known`` takes the known inputs and returns the known outputs, then the
+    residuals; ``unknown`` takes the residuals, then the unknown inputs, and
+    returns the outputs that depend on them (``out_unknown`` marks which).
+    """
+    known, unknown, out_unknown, _ = pe.partial_eval_jaxpr_nounits(closed, unknowns, False)
+    return known, unknown, out_unknown
+
+
+def dce_jaxpr(closed: Any, used_outputs: list[bool]) -> Any:
+    """A closed jaxpr computing only the ``used_outputs``, taking the same inputs."""
+    jaxpr, _ = pe.dce_jaxpr(closed.jaxpr, used_outputs, instantiate=True)
+    return jax_core.ClosedJaxpr(jaxpr, closed.consts)
+
+
+def eval_jaxpr(closed: Any, *args: Any) -> list[Any]:
+    """Evaluates a closed jaxpr on ``args`` (traced into whatever is tracing now)."""
+    return jax_core.eval_jaxpr(closed.jaxpr, closed.consts, *args)

@@ -12,9 +12,9 @@ import optax
 from flax import nnx
 from jax.core import Tracer
 
+from ._counts import count_paths, update_with_counts
+from ._counts import owner as _owner
 from ._filters import Filter, Path, path_str
-from ._groups import count_paths, grouped_update
-from ._groups import owner as _owner
 from ._nnx_compat import OptArray, in_update_context, is_node, jax_to_nnx_path, to_opt_state
 from ._variables import FrozenParam, Trainable
 
@@ -324,13 +324,13 @@ class Optimizer(nnx.Optimizer[M]):
         self.trained_paths = _paths(nnx.state(model, cast(Any, wrt), graph=True))
         self.group_schedules = group_schedules
         self.warmup_steps = warmup_steps
-        #: The groups of trained paths, oldest first: each became trainable together.
-        self.groups: tuple[tuple[Path, ...], ...] = (self.trained_paths,)
-        #: For each group, whether it became trainable at a freeze change (it warms up).
-        self.group_warm: tuple[bool, ...] = (False,)
-        #: For each group, its own step and its values of the step counts; empty while
-        #: the one group is the parameters trainable from the start.
-        self.group_counts = nnx.List([])
+        #: The parameters trainable when the optimizer was built: they share the
+        #: step counts of the optimizer state.
+        self.initial_paths = self.trained_paths
+        #: The trainable parameters that were not (sorted), and for each its own
+        #: step count since it became trainable and its own values of the counts.
+        self.own_paths: tuple[Path, ...] = ()
+        self.own_counts = nnx.List([])
 
     def migrate(self, model: M) -> bool:
         """Brings the optimizer state in line with the parameters ``wrt`` selects now.
@@ -361,101 +361,48 @@ class Optimizer(nnx.Optimizer[M]):
     def _count_keys(self, state: Any) -> list[Any]:
         return count_paths(state, self.group_schedules)
 
-    def _group_values(self) -> list[list[Any]]:
-        """Each group's own step and step counts, as they are now."""
-        if len(self.group_counts):
-            return [[v[...] for v in group] for group in self.group_counts]
-        state = _leaves(self.opt_state)
-        return [[self.step[...], *(state[k] for k in self._count_keys(self.opt_state))]]
-
     def _migrate(self, params: nnx.State, paths: tuple[Path, ...]) -> None:
-        values = self._group_values()
-        old_keys = self._count_keys(self.opt_state)
-        new_state = migrate_opt_state(self.tx, self.opt_state, params)
-        keys = self._count_keys(new_state)
-        now = set(paths)
-        groups: list[tuple[tuple[Path, ...], bool, list[Any]]] = []
-        if keys == old_keys:
-            for group, warm, vals in zip(self.groups, self.group_warm, values, strict=True):
-                kept = tuple(p for p in group if p in now)
-                if kept:
-                    groups.append((kept, warm, vals))
-        added = tuple(sorted(now - {p for g, _, _ in groups for p in g}, key=path_str))
-        if added:
+        kept = {p: c for p, c in zip(self.own_paths, self.own_counts, strict=True)}
+        state = migrate_opt_state(self.tx, self.opt_state, params)
+        initial = set(self.initial_paths)
+        own = tuple(p for p in paths if p not in initial)
+        counts = []
+        if own:
             fresh = _leaves(_init(self.tx, params))
-            start = jnp.zeros_like(self.step[...])
-            groups.append((added, True, [start, *(jnp.asarray(fresh[k]) for k in keys)]))
-        if not groups:
-            groups.append(((), False, values[0] if len(values) == 1 else [self.step[...]]))
-        self.opt_state = nnx.data(new_state)
+            zero = jnp.zeros((), jnp.int32)
+            keys = self._count_keys(state)
+            start = jnp.stack([zero, *(jnp.asarray(fresh[k], jnp.int32) for k in keys)])
+            for path in own:
+                counts.append(kept[path] if path in kept else OptArray(start))
+        self.opt_state = nnx.data(state)
         self.trained_paths = paths
-        self.groups = tuple(g for g, _, _ in groups)
-        self.group_warm = tuple(w for _, w, _ in groups)
-        first = groups[0][2]
-        self._set_counts(first[1:] if len(first) == len(keys) + 1 else None)
-        if self._grouped():
-            self.group_counts = nnx.List(
-                [nnx.List([OptArray(jnp.asarray(v)) for v in vals]) for _, _, vals in groups]
-            )
-        else:
-            self.group_counts = nnx.List([])
+        self.own_paths = own
+        self.own_counts = nnx.List(counts)
 
-    def _grouped(self) -> bool:
-        """Whether updates run per group: unless the one group is the one trained from the start."""
-        return len(self.groups) > 1 or self.group_warm[0]
-
-    def _set_counts(self, values: Any) -> None:
-        """Puts the first group's step counts in the optimizer state (None: leaves them)."""
-        if values is None:
-            return
-        keys = self._count_keys(self.opt_state)
-        counts = dict(zip(keys, values, strict=True))
-
-        def put(key_path: Any, leaf: Any) -> Any:
-            if key_path in counts and isinstance(leaf, nnx.Variable):
-                leaf.set_raw_value(jnp.asarray(counts[key_path], leaf.get_raw_value().dtype))
-            return leaf
-
-        jax.tree_util.tree_map_with_path(
-            put, self.opt_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
-        )
-
-    def _grouped_update(self, model: M, grads: Any, **kwargs: Any) -> Any:
-        """``nnx.Optimizer.update`` with each group's own step counts (and warm-up)."""
+    def _counted_update(self, model: M, grads: Any, **kwargs: Any) -> Any:
+        """``nnx.Optimizer.update`` with the own step counts of parameters trained since."""
         params = nnx.as_pure(nnx.state(model, self.wrt, graph=True))
         grad_arrays = nnx.as_pure(nnx.state(grads, self.wrt, graph=True))
-        state = nnx.as_pure(self.opt_state)
         keys = self._count_keys(self.opt_state)
-        by_path = {tuple(p): g for g, group in enumerate(self.groups) for p in group}
-        group_of = {
-            k: by_path[tuple(jax_to_nnx_path(k))]
-            for k in _leaves(params)
-            if tuple(jax_to_nnx_path(k)) in by_path
-        }
-        values = [[v[...] for v in group] for group in self.group_counts]
+        own = {p: c for p, c in zip(self.own_paths, self.own_counts, strict=True)}
+        variables = [own.get(tuple(jax_to_nnx_path(k))) for k in _leaves(params)]
+        values = [v[...] if v is not None else None for v in variables]
+        counts = [list(v[1:]) if v is not None else None for v in values]
         factors = [
-            jnp.minimum(1.0, (vals[0] + 1) / self.warmup_steps)
-            if warm and self.warmup_steps > 0
+            jnp.minimum(1.0, (v[0] + 1) / self.warmup_steps)
+            if v is not None and self.warmup_steps > 0
             else None
-            for vals, warm in zip(values, self.group_warm, strict=True)
+            for v in values
         ]
-        updates, new_state, new_counts = grouped_update(
-            self.tx,
-            grad_arrays,
-            state,
-            params,
-            group_of,
-            [vals[1:] for vals in values],
-            keys,
-            factors,
+        updates, new_state, new_counts = update_with_counts(
+            self.tx, grad_arrays, nnx.as_pure(self.opt_state), params, counts, keys, factors,
             **kwargs,
-        )
+        )  # fmt: skip
         nnx.update(model, optax.apply_updates(params, updates))
         nnx.update(self.opt_state, nnx.state(new_state, graph=True))
-        for group, vals, counts in zip(self.group_counts, values, new_counts, strict=True):
-            group[0][...] = vals[0] + 1
-            for variable, count in zip(list(group)[1:], counts, strict=True):
-                variable[...] = count
+        for variable, value, new in zip(variables, values, new_counts, strict=True):
+            if variable is not None and new is not None:
+                variable[...] = jnp.stack([value[0] + 1, *(jnp.asarray(c, jnp.int32) for c in new)])
         self.step[...] += 1
         return updates
 
@@ -498,8 +445,8 @@ class Optimizer(nnx.Optimizer[M]):
                 f"without a gradient: {[path_str(p) for p in missing][:8]}. "
                 "Compute the gradients with ff.grad after the last freeze/unfreeze."
             )
-        if self._grouped():
-            return self._grouped_update(model, grads, **kwargs)
+        if self.own_paths:
+            return self._counted_update(model, grads, **kwargs)
         return super().update(model, grads, **kwargs)
 
 
