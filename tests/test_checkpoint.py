@@ -990,3 +990,34 @@ def test_cost_benchmark_runs(tmp_path, capsys):
     assert 0 < adapter["overhead_bytes"] < 20_000 + 2_000 * adapter["arrays_stored"]
     assert set(adapter["ratios"]) >= {"adapter save / full", "adapter restore / full"}
     assert "MLP 2x32" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "fresh_frozen", [True, False], ids=["fresh-as-built", "fresh-all-trainable"]
+)
+def test_own_step_counts_are_saved_and_restored(tmp_path, fresh_frozen):
+    """Parameters unfrozen after the optimizer was built keep their own counts across a restore."""
+
+    def make(frozen):
+        model = Net(0)
+        if frozen:
+            ff.freeze(model, FROZEN0)
+        return model, ff.Optimizer(model, optax.adam(0.01))
+
+    x, y = jnp.ones((4, 3)), jnp.zeros((4, 2))
+    model, opt = make(True)
+    step = ff.TrainStep(model, opt, loss_fn)
+    for _ in range(5):
+        step(x, y)
+    ff.unfreeze(model, FROZEN0)
+    for _ in range(2):
+        step(x, y)
+    assert [c[...].tolist() for c in opt.own_counts] == [[2, 2], [2, 2]]
+    ff.checkpoint.save(tmp_path / "ckpt", (model, opt))
+    fresh, fresh_opt = ff.checkpoint.restore(tmp_path / "ckpt", make(fresh_frozen))
+    assert fresh_opt.own_paths == opt.own_paths
+    assert [c[...].tolist() for c in fresh_opt.own_counts] == [[2, 2], [2, 2]]
+    assert int(fresh_opt.opt_state[0].count[...]) == 7
+    step(x, y)
+    ff.TrainStep(fresh, fresh_opt, loss_fn)(x, y)
+    assert_same(fresh, model)

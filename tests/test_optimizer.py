@@ -277,7 +277,8 @@ def test_trajectory_matches_optax_on_pure_arrays(first_frozen, change, make_tx):
         # a parameter trainable since the optimizer was built counts in the shared state;
         # every other one has its own count: [own steps, Adam's count]
         own = {
-            "/".join(map(str, p)): c[...].tolist() for p, c in zip(opt.own_paths, opt.own_counts)
+            "/".join(map(str, p)): c[...].tolist()
+            for p, c in zip(opt.own_paths, opt.own_counts, strict=True)
         }
         for keys, state in groups[1:]:
             for k in keys:

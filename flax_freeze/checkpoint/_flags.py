@@ -73,6 +73,10 @@ class Flags:
             values are not compared: RNG state, optimizer state of parameters
             not saved, and every path of a save with ``fingerprint="shapes"``).
             Empty for a checkpoint of the whole node.
+        initial: for each ``ff.Optimizer`` of ``optimizers``, the paths it
+            trained when it was built. The others it trains keep step counts
+            of their own (``own_counts``). Absent in checkpoints of earlier
+            versions: all of them then share the optimizer state's counts.
     """
 
     frozen: frozenset[str] = frozenset()
@@ -87,6 +91,7 @@ class Flags:
     checksums: Mapping[str, str] = field(default_factory=dict)
     owners: Mapping[str, str] = field(default_factory=dict)
     base: Mapping[str, tuple[tuple[int, ...], str, str | None]] = field(default_factory=dict)
+    initial: Mapping[str, tuple[Path, ...]] = field(default_factory=dict)
 
     @property
     def is_adapter(self) -> bool:
@@ -114,6 +119,9 @@ class Flags:
             "save_id": self.save_id,
             "checksums": dict(sorted(self.checksums.items())),
             "owners": dict(sorted(self.owners.items())),
+            "initial": {
+                name: [list(path) for path in paths] for name, paths in self.initial.items()
+            },
             "base": {
                 name: {"shape": list(shape), "dtype": dtype, "checksum": checksum}
                 for name, (shape, dtype, checksum) in sorted(self.base.items())
@@ -154,19 +162,24 @@ class Flags:
                 raise bad(f"has a malformed {name!r} entry: {value!r:.200}")
             return value
 
-        optimizers: dict[str, tuple[Path, ...]] = {}
-        raw = data.get("optimizers", {})
-        if not isinstance(raw, dict):
-            raise bad(f"has a malformed 'optimizers' entry: {raw!r:.200}")
-        for name, paths in raw.items():
-            ok = isinstance(paths, list) and all(
-                isinstance(p, list)
-                and all(isinstance(k, str | int) and not isinstance(k, bool) for k in p)
-                for p in paths
-            )
-            if not ok:
-                raise bad(f"has a malformed 'optimizers' entry for {name!r}: {paths!r:.200}")
-            optimizers[name] = tuple(sorted((tuple(p) for p in paths), key=path_str))
+        def path_lists(entry: str) -> dict[str, tuple[Path, ...]]:
+            out: dict[str, tuple[Path, ...]] = {}
+            raw = data.get(entry, {})
+            if not isinstance(raw, dict):
+                raise bad(f"has a malformed {entry!r} entry: {raw!r:.200}")
+            for name, paths in raw.items():
+                ok = isinstance(paths, list) and all(
+                    isinstance(p, list)
+                    and all(isinstance(k, str | int) and not isinstance(k, bool) for k in p)
+                    for p in paths
+                )
+                if not ok:
+                    raise bad(f"has a malformed {entry!r} entry for {name!r}: {paths!r:.200}")
+                out[name] = tuple(sorted((tuple(p) for p in paths), key=path_str))
+            return out
+
+        optimizers = path_lists("optimizers")
+        initial = path_lists("initial")
 
         def specs(name: str) -> dict[str, tuple[tuple[int, ...], str, str | None]]:
             raw = data.get(name, {})
@@ -219,7 +232,13 @@ class Flags:
             checksums,
             mapping("owners"),
             base,
+            initial,
         )
+        if not set(flags.initial) <= set(optimizers):
+            raise bad(
+                f"has a malformed 'initial' entry: it names optimizers the 'optimizers' entry "
+                f"does not list ({show(set(flags.initial) - set(optimizers))})"
+            )
         if not set(flags.owners) <= set(optimizers):
             raise bad(
                 f"has a malformed 'owners' entry: it names optimizers the 'optimizers' entry "

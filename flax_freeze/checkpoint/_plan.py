@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from .._filters import Path, path_str
+from .._nnx_compat import OptArray
 from .._optimizer import Optimizer, migrate_opt_state
 from .._retype import freeze, replace, unfreeze
 from .._variables import (
@@ -76,6 +77,9 @@ class _Plan:
     # state is rebuilt for the parameters trainable when saved.
     linen_states: list[tuple[Path, Any]]
     saved: Flags | None  # the checkpoint's flags (checksums)
+    # Each ff.Optimizer's paths trained when built, those with counts of their own,
+    # and the variables that take those counts.
+    own_counts: list[tuple[Optimizer[Any], tuple[Path, ...], tuple[Path, ...], Any]]
     opt: _OptStatePlan = field(default_factory=lambda: _OptStatePlan())
 
     def _all_reads(self) -> list[_Read]:
@@ -180,6 +184,8 @@ class _Plan:
         for opt, state, trained in self.optimizers:
             opt.opt_state = nnx.data(state)
             opt.trained_paths = trained
+        for opt, initial, own, counts in self.own_counts:
+            opt.initial_paths, opt.own_paths, opt.own_counts = initial, own, counts
         trained_dtypes = self.retype.trained_dtypes if self.retype is not None else {}
         new_variables: dict[int, Any] = {}
         new_at: dict[Path, Any] = {}
@@ -324,6 +330,27 @@ def _plan(
         entries = [e for e in entries if not any(p[:n] == prefix for p in e.paths)]
         entries += walk(state, prefix, in_module=True, in_optimizer=True).entries
         rebuilt.append((opt, state, trained))
+    # And the step counts of their own, of the parameters they trained that were not
+    # trainable when they were built.
+    own_counts: list[tuple[Optimizer[Any], tuple[Path, ...], tuple[Path, ...], Any]] = []
+    for opt_path, opt in walked.optimizers:
+        name = path_str(opt_path)
+        if not isinstance(opt, Optimizer) or saved is None or name not in saved.initial:
+            continue
+        initial = saved.initial[name]
+        own = tuple(p for p in saved.optimizers[name] if p not in set(initial))
+        prefix = (*opt_path, "own_counts")
+        shapes = [stored.get(key_of((*prefix, i))) for i in range(len(own))]
+        counts = nnx.List(
+            [
+                OptArray(jnp.zeros(s.shape if s and s.shape else (1,), s.dtype if s else jnp.int32))
+                for s in shapes
+            ]
+        )
+        n = len(prefix)
+        entries = [e for e in entries if not any(p[:n] == prefix for p in e.paths)]
+        entries += walk(counts, prefix, in_module=True, in_optimizer=True).entries
+        own_counts.append((opt, initial, own, counts))
     # So are Linen train states (with the target's flags, they migrate it afterwards).
     linen_states: list[tuple[Path, Any]] = []
     for ts_path, ts in walked.train_states:
@@ -418,6 +445,7 @@ def _plan(
         rebuilt,
         linen_states,
         saved,
+        own_counts,
         opt,
     )
 

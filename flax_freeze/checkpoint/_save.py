@@ -129,6 +129,12 @@ def _build(
         for path, opt in optimizers
     }
     owners = {path_str(path): model_of(opt.trained_paths, entries) for path, opt in optimizers}
+    initial = {
+        path_str(path): tuple(
+            tuple(k if isinstance(k, str | int) else str(k) for k in p) for p in opt.initial_paths
+        )
+        for path, opt in optimizers
+    }
     arrays = {}
     checksums = {}
     for entry in stored:
@@ -149,6 +155,7 @@ def _build(
         checksums,
         {name: owner for name, owner in owners.items() if owner is not None},
         base,
+        initial,
     )
     return state, flags
 
