@@ -13,6 +13,7 @@ from ._optimizer import migrate_opt_state as migrate_opt_state
 from ._retype import freeze as freeze
 from ._retype import freezing as freezing
 from ._retype import unfreeze as unfreeze
+from ._schedule import UnfreezeSchedule as UnfreezeSchedule
 from ._summary import Row as Row
 from ._summary import Summary as Summary
 from ._summary import Totals as Totals
@@ -35,6 +36,7 @@ __all__ = [
     "Summary",
     "Totals",
     "TrainStep",
+    "UnfreezeSchedule",
     "Trainable",
     "apply_updates",
     "checkpoint",

@@ -1,0 +1,141 @@
+"""UnfreezeSchedule, own step counts and warm-up of parameters unfrozen during training."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import flax_freeze as ff
+
+X = jnp.linspace(-1.0, 1.0, 8).reshape(4, 2)
+
+
+def make():
+    model = nnx.Sequential(
+        nnx.Linear(2, 4, rngs=nnx.Rngs(0)),
+        nnx.Linear(4, 4, rngs=nnx.Rngs(1)),
+        nnx.Linear(4, 1, rngs=nnx.Rngs(2)),
+    )
+    ff.freeze(model, "layers/(0|1)/.*")
+    return model, ff.Optimizer(model, optax.adam(1e-2))
+
+
+def loss(model, x):
+    return ((model(x) - 1.0) ** 2).mean()
+
+
+def schedule():
+    return ff.UnfreezeSchedule({3: "layers/1/.*", 6: "layers/0/.*"}, freeze={8: "layers/1/.*"})
+
+
+def frozen(model):
+    return sorted(r.path for r in ff.summary(model).rows if r.status == "frozen")
+
+
+def test_changes_apply_at_their_steps_freezing_first():
+    model, _ = make()
+    plan = ff.UnfreezeSchedule({2: "layers/.*"}, freeze={2: "layers/2/.*"})
+    assert [plan(model, step) for step in range(4)] == [False, False, True, False]
+    assert frozen(model) == []  # at one step, freezing comes first, then unfreezing
+    model, _ = make()
+    plan = schedule()
+    seen = []
+    for step in range(10):
+        plan(model, step)
+        seen.append(frozen(model))
+    assert seen[2] == ["layers/0/bias", "layers/0/kernel", "layers/1/bias", "layers/1/kernel"]
+    assert seen[3] == seen[5] == ["layers/0/bias", "layers/0/kernel"]
+    assert seen[6] == seen[7] == []
+    assert seen[8] == seen[9] == ["layers/1/bias", "layers/1/kernel"]
+    assert int(plan.done[...]) == 9
+
+
+def test_a_late_call_applies_everything_due_once():
+    model, _ = make()
+    plan = schedule()
+    assert plan(model, 7)
+    assert frozen(model) == []
+    assert not plan(model, 7)  # nothing more is due
+    assert not plan(model, 3)  # an earlier step changes nothing
+
+
+def test_resumed_run_unfreezes_at_the_same_steps_bit_identically(tmp_path):
+    model, opt = make()
+    plan = schedule()
+    step = ff.TrainStep(model, opt, loss)
+    for i in range(12):
+        plan(model, i)
+        step(X + i)
+        if i == 4:
+            ff.checkpoint.save(tmp_path / "ckpt", (model, opt, plan))
+    again, again_opt, again_plan = ff.checkpoint.restore(tmp_path / "ckpt", (*make(), schedule()))
+    assert int(again_plan.done[...]) == 4
+    assert again_opt.own_paths == ((("layers", 1, "bias")), ("layers", 1, "kernel"))
+    resumed = ff.TrainStep(again, again_opt, loss)
+    for i in range(5, 12):
+        again_plan(again, i)
+        resumed(X + i)
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(again)), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    assert frozen(again) == ["layers/1/bias", "layers/1/kernel"]
+
+
+def test_warmup_scales_the_first_updates_of_unfrozen_parameters_only():
+    lr, warmup = 1e-2, 4
+    model, _ = make()
+    opt = ff.Optimizer(model, optax.sgd(lr), warmup_steps=warmup)
+    twin, _ = make()
+    twin_opt = ff.Optimizer(twin, optax.sgd(lr))
+    ff.unfreeze(model, "layers/1/.*")
+    ff.unfreeze(twin, "layers/1/.*")
+    for i in range(6):
+        g = ff.grad(loss)(model, X)
+        before = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+        opt.update(model, g)
+        twin_opt.update(twin, ff.grad(loss)(twin, X))
+        flat_g = dict(nnx.to_flat_state(g))
+        for key, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+            delta = np.asarray(value) - before[key]
+            factor = min(1.0, (i + 1) / warmup) if key[1] == 1 else 1.0
+            np.testing.assert_allclose(
+                delta, -lr * factor * np.asarray(flat_g[key]), rtol=1e-4, atol=1e-7
+            )
+    assert [c[...].tolist()[0] for c in opt.own_counts] == [6, 6]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"unfreeze": [3]}, TypeError, r"`unfreeze` must map steps to filters"),
+        ({"unfreeze": {-1: "a"}}, ValueError, r"`unfreeze` has the step -1"),
+        ({"unfreeze": {2: 3.5}}, TypeError, r"`unfreeze` must be an NNX filter"),
+        ({"unfreeze": {}}, ValueError, r"`unfreeze` and `freeze` are both empty"),
+        ({"unfreeze": {1: "a"}, "freeze": {True: "a"}}, ValueError, r"`freeze` has the step True"),
+    ],
+    ids=["not-a-mapping", "negative", "not-a-filter", "empty", "bool-step"],
+)
+def test_bad_plans(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ff.UnfreezeSchedule(**kwargs)
+
+
+def test_bad_step():
+    with pytest.raises(ValueError, match=r"`step` must be the number of the step"):
+        schedule()(make()[0], -2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"warmup_steps": -1}, ValueError, r"`warmup_steps` must be a whole number"),
+        ({"warmup_steps": 2.5}, ValueError, r"`warmup_steps` must be a whole number"),
+        ({"group_schedules": "yes"}, TypeError, r"`group_schedules` must be True or False"),
+    ],
+)
+def test_bad_optimizer_options(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ff.Optimizer(make()[0], optax.adam(1e-3), **kwargs)
