@@ -13,6 +13,7 @@ import numpy as np
 from flax import linen, nnx
 
 from . import _version
+from ._batch_stats import freeze_stats, unfreeze_stats
 from ._boxes import is_frozen_box
 from ._bridge import check_bridge_retype, sync_bridge_class
 from ._filters import (
@@ -367,7 +368,12 @@ def _check_not_a_tag(func: str, filter: str, params: dict[int, _Site]) -> None:
 
 
 def freeze(
-    node: N, filter: Filter = Trainable, *, missing_ok: bool = False, dtype: Any = None
+    node: N,
+    filter: Filter = Trainable,
+    *,
+    missing_ok: bool = False,
+    dtype: Any = None,
+    batch_stats: bool = False,
 ) -> N:
     """Makes the parameters that ``filter`` selects frozen, in place.
 
@@ -380,7 +386,17 @@ def freeze(
 
     Freezing is not eval mode: only parameters are re-typed. Batch statistics,
     RNG state and other variables the filter selects stay as they are, and
-    ``BatchNorm``/``Dropout`` keep their training behaviour.
+    ``BatchNorm``/``Dropout`` keep their training behaviour, as in PyTorch and
+    plain Flax. With ``batch_stats=True`` (Keras' choice) each module whose
+    parameters are then all frozen and that keeps batch statistics
+    (``nnx.BatchNorm``) is put into inference mode instead
+    (``use_running_average=True``): it normalises with its running averages
+    and stops updating them, and :func:`unfreeze` gives it its mode back once
+    one of its parameters trains again. The trade-off: statistics that stay
+    fixed match what the frozen layers were trained with, and small batches no
+    longer disturb them, but they cannot follow a shift of the data. The mode
+    is a static attribute: ``model.train()`` and ``model.eval()`` set it on
+    every module, frozen ones too, so call them before freezing.
 
     On a plain pytree (dataclass, NamedTuple, dict...) trainable leaves (inexact
     arrays and floats) are wrapped in ``FrozenParam`` and a new tree is
@@ -415,6 +431,8 @@ def freeze(
             parameter.
         missing_ok: allow a filter that selects no parameter.
         dtype: keep the newly frozen parameters in this floating dtype.
+        batch_stats: also put modules whose parameters are all frozen into
+            inference mode (their batch statistics frozen).
 
     Returns:
         ``node`` itself (modules change in place), or the rebuilt pytree.
@@ -452,13 +470,18 @@ def freeze(
         True
     """
     stored_dtype = _check_dtype(dtype)
+    if not isinstance(batch_stats, bool):
+        raise TypeError(f"`batch_stats` must be True or False, got {short_repr(batch_stats)}.")
     chosen, chosen_raw = _select("freeze", node, filter, missing_ok)
     check_qwix(node, [(s.variable, s.paths) for s in chosen.values()], filter)
     new_variables = {
         k: _frozen_copy(s.variable, stored_dtype) for k, s in chosen.items() if is_param(s.variable)
     }
     new_leaves = {p: frozen_leaf(x, stored_dtype) for p, x in chosen_raw.items()}
-    return replace(node, new_variables, new_leaves)
+    node = replace(node, new_variables, new_leaves)
+    if batch_stats:
+        freeze_stats(node)
+    return node
 
 
 def unfreeze(node: N, filter: Filter = FrozenParam, *, missing_ok: bool = False) -> N:
@@ -504,7 +527,9 @@ def unfreeze(node: N, filter: Filter = FrozenParam, *, missing_ok: bool = False)
         for k, s in chosen.items()
         if isinstance(s.variable, FrozenParam)
     }
-    return replace(node, new_variables, {})
+    node = replace(node, new_variables, {})
+    unfreeze_stats(node)
+    return node
 
 
 @contextlib.contextmanager
