@@ -231,14 +231,23 @@ class Optimizer(nnx.Optimizer[M]):
     ``nnx.cached_partial``), call :meth:`migrate` eagerly after the change;
     ``update`` raises a ``ValueError`` saying so rather than lose the state.
 
-    Shared step counts: transforms whose count is shared across parameters
-    keep counting through a migration. A newly trainable parameter therefore
-    meets the schedule at the current step (no warm-up of its own), and Adam's
-    bias correction at the current count: with fresh zero moments and a large
-    count its first update is about ``(1 - b1) / sqrt(1 - b2)`` times the
-    learning rate per element (3.16 for the defaults) instead of 1. Wrap the
-    unfrozen phase in a warm-up schedule, or build a new optimizer, where that
-    matters.
+    Step counts: a parameter that becomes trainable after the optimizer was
+    built gets step counts of its own (``own_counts``), starting from zero, so
+    that its updates have the dynamics of a fresh start: Adam's bias
+    correction of step 1 (a first update of about the learning rate per
+    element, not ``(1 - b1) / sqrt(1 - b2)`` times it, 3.16 for the defaults,
+    as with the shared count), and with ``group_schedules=True`` its own
+    position in learning-rate schedules. Parameters that stay trainable keep
+    theirs and move exactly as without the change; the parameters trainable
+    when the optimizer was built share the optimizer state's counts. The
+    transformation still sees every gradient at once (``clip_by_global_norm``
+    clips by one global norm, ``MultiSteps`` accumulates one window): its
+    update is traced once and only the few scalar operations that use the
+    counts are repeated per parameter. With ``warmup_steps`` the updates of
+    such a parameter also ramp up linearly over its first steps.
+    :class:`UnfreezeSchedule` unfreezes parts of a model at given steps. A
+    parameter trainable when the optimizer was built, frozen and made
+    trainable again, goes back to the shared counts.
 
     State that cannot be attributed to one parameter by its key path, and that
     depends on the parameters, restarts from ``tx.init`` at a freeze change
@@ -260,11 +269,19 @@ class Optimizer(nnx.Optimizer[M]):
         tx: an optax transformation, ``GradientTransformationExtraArgs``
             included, or an ``optax.MultiSteps``.
         wrt: NNX filter of the trained variables; defaults to :data:`Trainable`.
+        group_schedules: give parameters unfrozen later their own position in
+            the learning-rate schedules of ``tx`` too (``scale_by_schedule``,
+            ``inject_hyperparams``): each then starts its schedule, a warm-up
+            say, from its own first step.
+        warmup_steps: ramp the updates of a parameter unfrozen later up from
+            ``1 / warmup_steps`` to 1 over its first ``warmup_steps`` steps
+            (0: no warm-up).
 
     Raises:
-        TypeError: if ``model`` is not an NNX graph node, or ``tx`` is not an
-            optax transformation.
-        ValueError: if ``tx.init`` rejects the tree of trainable parameters, as
+        TypeError: if ``model`` is not an NNX graph node, ``tx`` is not an
+            optax transformation, or ``group_schedules`` is not a bool.
+        ValueError: if ``warmup_steps`` is not a whole number >= 0; if
+            ``tx.init`` rejects the tree of trainable parameters, as
             ``optax.multi_transform``/``optax.masked`` do with a pytree of
             labels or masks built for another tree (also raised by
             :meth:`update` after a freeze change): pass a callable instead.
