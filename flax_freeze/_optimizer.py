@@ -389,8 +389,8 @@ class Optimizer(nnx.Optimizer[M]):
             zero = jnp.zeros((), jnp.int32)
             keys = self._count_keys(state)
             start = jnp.stack([zero, *(jnp.asarray(fresh[k], jnp.int32) for k in keys)])
-            for path in own:
-                counts.append(kept[path] if path in kept else OptArray(start))
+            for path in own:  # each a buffer of its own: a step donates them one by one
+                counts.append(kept[path] if path in kept else OptArray(jnp.array(start)))
         self.opt_state = nnx.data(state)
         self.trained_paths = paths
         self.own_paths = own

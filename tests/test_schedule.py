@@ -139,3 +139,15 @@ def test_bad_step():
 def test_bad_optimizer_options(kwargs, error, match):
     with pytest.raises(error, match=match):
         ff.Optimizer(make()[0], optax.adam(1e-3), **kwargs)
+
+
+def test_own_counts_of_parameters_unfrozen_together_are_separate_buffers():
+    model, opt = make()
+    ff.unfreeze(model)
+    assert opt.migrate(model)
+    pointers = {c.get_raw_value().unsafe_buffer_pointer() for c in opt.own_counts}
+    assert len(opt.own_counts) == 4
+    assert len(pointers) == 4  # a step that donates each of them cannot donate one twice
+    graphdef, state = nnx.split((model, opt))
+    donate = jax.jit(lambda s: jax.tree.map(lambda x: x + 0, s), donate_argnums=0)
+    donate(state)
