@@ -418,7 +418,7 @@ class Optimizer(nnx.Optimizer[M]):
         nnx.update(model, optax.apply_updates(params, updates))
         nnx.update(self.opt_state, nnx.state(new_state, graph=True))
         for variable, value, new in zip(variables, values, new_counts, strict=True):
-            if variable is not None and new is not None:
+            if variable is not None and value is not None and new is not None:
                 variable[...] = jnp.stack([value[0] + 1, *(jnp.asarray(c, jnp.int32) for c in new)])
         self.step[...] += 1
         return updates
