@@ -120,7 +120,8 @@ def update_with_counts(
     flat_state, state_def = jax.tree_util.tree_flatten_with_path(state)
     at = {k: i for i, (k, _) in enumerate(flat_state)}
     count_at = [at[k] for k in count_keys]
-    other_at = [i for i in range(len(flat_state)) if i not in set(count_at)]
+    counted_at = set(count_at)
+    other_at = [i for i in range(len(flat_state)) if i not in counted_at]
     grad_leaves, grad_def = jax.tree_util.tree_flatten(grads)
     flat_params, param_def = jax.tree_util.tree_flatten_with_path(params)
     param_keys = [k for k, _ in flat_params]

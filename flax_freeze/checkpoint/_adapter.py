@@ -111,27 +111,28 @@ def select(
         )
     pred = to_predicate(only, "only", strings="path")
     entries = walked.entries
+    bookkeeping = {id(e) for e in entries if _bookkeeping(e, walked)}
     chosen = {
         id(e)
         for e in entries
         if not is_nothing(only)
-        and not _bookkeeping(e, walked)
+        and id(e) not in bookkeeping
         and any(pred(path, _stand_in(e)) for path in e.paths)
     }
     if not chosen:
-        paths = sorted(join(e.key) for e in entries if not _bookkeeping(e, walked))
+        paths = sorted(join(e.key) for e in entries if id(e) not in bookkeeping)
         raise ValueError(
             f"`only` {short_repr(only)} selects nothing to save among the node's paths "
             f"{show(paths)}. Pass a filter that selects what was trained, e.g. ff.Trainable, "
             "nnx.LoRAParam or ff.PathRegex('head/.*'), or omit `only` to save everything."
         )
     selected = {e.key for e in entries if id(e) in chosen}
-    others = {e.key for e in entries if id(e) not in chosen and not _bookkeeping(e, walked)}
+    others = {e.key for e in entries if id(e) not in chosen and id(e) not in bookkeeping}
     stored: list[Entry] = []
     base: dict[str, tuple[tuple[int, ...], str, str | None]] = {}
     for entry in entries:
         check = fingerprint == "values" and not isinstance(entry.variable, nnx.RngState)
-        if _bookkeeping(entry, walked):
+        if id(entry) in bookkeeping:
             tails = _mirrors(entry, walked)
             mirrored = [k for k in selected | others if any(_ends(k, t) for t in tails)]
             if not mirrored or any(k in selected for k in mirrored):
