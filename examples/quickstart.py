@@ -4,14 +4,17 @@ On scikit-learn's digits (shipped with the package, no download):
 
 1. pretrain an MLP (three blocks and a head) on digits 0-4;
 2. give it a new head for digits 5-9 and train the head alone, backbone frozen;
-3. unfreeze the backbone gradually, top block first, training after each step;
-4. save a checkpoint with the frozen flags halfway, restore it into a fresh
-   model, and carry on from the restored one.
+3. unfreeze the backbone gradually, top block first, on an
+   ``ff.UnfreezeSchedule``; each unfrozen block starts with step counts of its
+   own and a warm-up, as with a fresh optimizer, so the loss does not jump;
+4. save a checkpoint with the frozen flags and the schedule halfway, restore
+   it into a fresh model, and carry on from the restored one.
 
 One ``ff.TrainStep`` trains every phase of the fine-tuning: it follows each
 unfreeze by itself. Each phase shows a progress bar, the summary table and the
 test accuracy. The loss curve, with the unfreeze points marked, is written as a
-PNG.
+PNG, and the largest loss in the 20 steps after each unfreeze is printed as a
+multiple of the mean loss of the 10 steps before.
 
     python examples/quickstart.py [--steps N] [--out DIR]
 """
@@ -88,20 +91,35 @@ def digits(classes: range, seed: int = 0) -> tuple[jax.Array, ...]:
     return (*train_split, jnp.asarray(x[split:]), jnp.asarray(y[split:]))
 
 
-def train(name: str, step: ff.TrainStep, data: tuple, steps: int, losses: list[float]) -> float:
+def train(
+    name: str,
+    step: ff.TrainStep,
+    data: tuple,
+    steps: int,
+    losses: list[float],
+    schedule: ff.UnfreezeSchedule | None = None,
+) -> float:
     """Trains ``steps`` steps with a progress bar; returns the test accuracy."""
     x, y, xt, yt = data
     rng = np.random.default_rng(len(losses))
     bar = tqdm(range(steps), desc=f"{name:<24}", ncols=90, mininterval=0.5)
     for _ in bar:
+        # The schedule unfreezes what is due at this step; the step follows the
+        # change by itself (gradients of the trainable state only, optimizer
+        # state migrated, own step counts for the newly trainable parameters).
+        if schedule is not None and schedule(step.model, len(losses)):
+            bar.write(str(ff.summary(step.model)))
         idx = rng.integers(0, len(y), 64)
-        # Gradients of the trainable state only; after a freeze change the step
-        # migrates the optimizer state by itself.
         losses.append(float(step(x[idx], y[idx])))
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     acc = float(accuracy(step.model, xt, yt))
     print(f"{name}: test accuracy {acc:.3f}")
     return acc
+
+
+def jump(losses: list[float], at: int, after: int = 20, before: int = 10) -> float:
+    """The largest loss of the ``after`` steps from ``at`` over the mean of the ``before``."""
+    return max(losses[at : at + after]) / float(np.mean(losses[at - before : at]))
 
 
 def plot(losses: list[float], marks: list[tuple[int, str]], path: Path) -> None:
@@ -135,40 +153,48 @@ def main(steps: int = 150, out: str | Path = "out/quickstart") -> dict[str, floa
         pretrain_losses,
     )
 
-    # 2. New head for digits 5-9, backbone frozen.
+    # 2. New head for digits 5-9, backbone frozen. Blocks unfrozen later get
+    # step counts of their own and a warm-up of 50 steps: they start as with a
+    # fresh optimizer, while the head goes on with its own Adam state.
     data = digits(range(5, 10))
     model = Classifier(nnx.Rngs(1), backbone=ff.freeze(pretrained.backbone))
-    opt = ff.Optimizer(model, optax.adamw(1e-3, weight_decay=1e-2))
+    tx = optax.adamw(1e-3, weight_decay=1e-2)
+    opt = ff.Optimizer(model, tx, warmup_steps=50)
     step = ff.TrainStep(model, opt, loss_fn)  # one compiled step for every phase
+    plan = {(3 - block) * steps: f"backbone/blocks/{block}/.*" for block in (2, 1, 0)}
+    schedule = ff.UnfreezeSchedule(plan)
     losses: list[float] = []
-    marks: list[tuple[int, str]] = []
     print(ff.summary(model))
     frozen_kernel = np.asarray(model.backbone.blocks[0].linear.kernel[...])
-    results["head"] = train("head only", step, data, steps, losses)
+    results["head"] = train("head only", step, data, steps, losses, schedule)
     if not np.array_equal(frozen_kernel, np.asarray(model.backbone.blocks[0].linear.kernel[...])):
         raise RuntimeError("the frozen backbone moved during fine-tuning")
 
-    # 3. Unfreeze block by block, top first; checkpoint halfway and go on from it.
+    # 3. Unfreeze block by block, top first, as the schedule says; checkpoint
+    # halfway (model, optimizer and schedule) and go on from the restored run.
     checkpoint = out / "checkpoint"
     for block in (2, 1, 0):
-        ff.unfreeze(model, ff.PathRegex(f"backbone/blocks/{block}/.*"))
-        restored = " (restored)" if block == 0 else ""
-        marks.append((len(losses), f"unfreeze block {block}{restored}"))
-        print(ff.summary(model))
         name = f"head + blocks {block}-2"
-        results[f"block_{block}"] = train(name, step, data, steps, losses)
+        results[f"block_{block}"] = train(name, step, data, steps, losses, schedule)
         if block == 1:
             if checkpoint.exists():
                 shutil.rmtree(checkpoint)
-            ff.checkpoint.save(checkpoint, (model, opt))
+            ff.checkpoint.save(checkpoint, (model, opt, schedule))
             fresh = Classifier(nnx.Rngs(2))  # all trainable: the checkpoint brings the flags
-            fresh_opt = ff.Optimizer(fresh, optax.adamw(1e-3, weight_decay=1e-2))
-            model, opt = ff.checkpoint.restore(checkpoint, (fresh, fresh_opt))
+            fresh_opt = ff.Optimizer(fresh, tx, warmup_steps=50)
+            model, opt, schedule = ff.checkpoint.restore(
+                checkpoint, (fresh, fresh_opt, ff.UnfreezeSchedule(plan))
+            )
             step = ff.TrainStep(model, opt, loss_fn)  # a step for the restored model
             frozen_now = {r.path for r in ff.summary(model).rows if r.status == "frozen"}
             print(f"restored {checkpoint}: {len(frozen_now)} frozen arrays, as saved")
             results["restored"] = float(accuracy(model, *data[2:]))
 
+    marks = [(at, f"unfreeze block {plan[at].split('/')[2]}") for at in sorted(plan)]
+    print("\nlargest loss in the 20 steps after each unfreeze, over the mean of the 10 before:")
+    for at, label in marks:
+        results[f"jump_{label.split()[-1]}"] = jump(losses, at)
+        print(f"  {label} (step {at}): {jump(losses, at):.2f}x")
     plot(losses, marks, out / "loss.png")
     print(f"\nwrote {out / 'loss.png'} and the checkpoint {checkpoint}")
     return results

@@ -348,3 +348,28 @@ def test_train_step_host_quick_run_writes_its_results(tmp_path):
     assert lines[8] == (
         f"XLA memory of the compiled step, TrainStep and bare split: mlp {total:,} B = {total:,} B."
     )
+
+
+def test_unfreeze_dynamics_prints_the_jumps_and_draws_a_panel_per_optimizer(tmp_path, capsys):
+    import unfreeze_dynamics  # pyright: ignore[reportMissingImports]
+
+    svg = tmp_path / "dynamics.svg"
+    jumps = unfreeze_dynamics.main(steps=20, seeds=(0,), svg=svg)
+    assert list(jumps) == ["shared count", "own counts", "own counts + warm-up 50"]
+    for runs in jumps.values():
+        assert len(runs) == 1
+        assert len(runs[0]) == 3
+        assert all(np.isfinite(j) and j > 0 for j in runs[0])
+    out = capsys.readouterr().out
+    assert "| optimizer | block 2 | block 1 | block 0 |" in out
+    assert "Halfway through a phase, nothing changing:" in out
+    root = ET.parse(svg).getroot()
+    labels = {"".join(t.itertext()).strip() for t in root.iter("{http://www.w3.org/2000/svg}text")}
+    assert {
+        "shared count",
+        "own counts",
+        "own counts + warm-up 50",
+        "unfreeze block 2",
+        "unfreeze block 1",
+        "unfreeze block 0",
+    } <= labels
