@@ -151,3 +151,74 @@ def test_own_counts_of_parameters_unfrozen_together_are_separate_buffers():
     graphdef, state = nnx.split((model, opt))
     donate = jax.jit(lambda s: jax.tree.map(lambda x: x + 0, s), donate_argnums=0)
     donate(state)
+
+
+def _flat(state):
+    return {"/".join(map(str, k)): np.asarray(v) for k, v in nnx.to_flat_state(state)}
+
+
+def test_clip_by_global_norm_clips_by_one_norm_over_old_and_newly_trainable_gradients():
+    """With own counts in play, the clip still sees every trainable gradient at once."""
+    lr, max_norm = 0.1, 0.01
+    ramp = optax.linear_schedule(init_value=1.0, end_value=0.0, transition_steps=10)
+    tx = optax.chain(
+        optax.clip_by_global_norm(max_norm), optax.scale_by_schedule(ramp), optax.scale(-lr)
+    )
+    model, _ = make()
+    opt = ff.Optimizer(model, tx, group_schedules=True)
+    for _ in range(4):
+        opt.update(model, ff.grad(loss)(model, X))
+    ff.unfreeze(model, "layers/1/.*")
+    grads = _flat(ff.grad(loss)(model, X))
+    assert sorted(grads) == ["layers/1/bias", "layers/1/kernel", "layers/2/bias", "layers/2/kernel"]
+    norm = np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in grads.values()))
+    assert norm > 10 * max_norm  # the clip acts
+    older = np.sqrt(sum((g.astype(np.float64) ** 2).sum() for k, g in grads.items() if "/2/" in k))
+    assert norm > 1.05 * older  # a norm over the older parameters alone would not pass
+    before = _flat(nnx.state(model, nnx.Param))
+    opt.update(model, ff.grad(loss)(model, X))
+    after = _flat(nnx.state(model, nnx.Param))
+    for path, g in grads.items():
+        position = 1.0 if path.startswith("layers/1") else 0.6  # own schedule from 0; shared at 4
+        np.testing.assert_allclose(
+            after[path] - before[path], -lr * position * g * max_norm / norm, rtol=1e-3, atol=1e-7
+        )  # float32 parameters near 0.5: the difference of two is exact to about 6e-8
+    assert [c[...].tolist() for c in opt.own_counts] == [[1, 1], [1, 1]]
+
+
+def test_multisteps_accumulates_one_window_and_an_unfrozen_layer_starts_adam_afresh():
+    lr = 1e-2
+
+    def build():
+        model, _ = make()
+        return model, ff.Optimizer(model, optax.MultiSteps(optax.adam(lr), every_k_schedule=2))
+
+    model, opt = build()
+    twin, twin_opt = build()  # the same run without the change
+    for i in range(6):  # three windows: Adam's count is 3
+        opt.update(model, ff.grad(loss)(model, X + i))
+        twin_opt.update(twin, ff.grad(loss)(twin, X + i))
+    ff.unfreeze(model, "layers/1/.*")
+    start, twin_start = _flat(nnx.state(model, nnx.Param)), _flat(nnx.state(twin, nnx.Param))
+    layer1 = []
+    for i in range(6, 8):  # one window of two mini-steps
+        grads = ff.grad(loss)(model, X + i)
+        layer1.append(_flat(grads))
+        opt.update(model, grads)
+        twin_opt.update(twin, ff.grad(loss)(twin, X + i))
+        if i == 6:  # nothing is applied within a window
+            for path, value in _flat(nnx.state(model, nnx.Param)).items():
+                np.testing.assert_array_equal(value, start[path])
+    end, twin_end = _flat(nnx.state(model, nnx.Param)), _flat(nnx.state(twin, nnx.Param))
+    fresh = optax.adam(lr)
+    for path in ["layers/1/bias", "layers/1/kernel"]:  # Adam's first step on the window's mean
+        mean = (layer1[0][path] + layer1[1][path]) / 2
+        expected, _ = fresh.update(mean, fresh.init(mean))
+        np.testing.assert_allclose(end[path] - start[path], expected, rtol=1e-4, atol=1e-9)
+        assert np.abs(end[path] - start[path]).max() <= lr * 1.001
+    for path in ["layers/2/bias", "layers/2/kernel"]:  # as without the change
+        np.testing.assert_array_equal(end[path], twin_end[path])
+        assert np.any(end[path] != twin_start[path])
+    assert int(opt.opt_state.mini_step[...]) == 0
+    assert int(opt.opt_state.inner_opt_state[0].count[...]) == 4
+    assert [c[...].tolist() for c in opt.own_counts] == [[2, 1], [2, 1]]
