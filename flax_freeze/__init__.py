@@ -10,6 +10,9 @@ from ._grad import value_and_grad as value_and_grad
 from ._optimizer import Optimizer as Optimizer
 from ._optimizer import apply_updates as apply_updates
 from ._optimizer import migrate_opt_state as migrate_opt_state
+from ._part import PartlyFrozen as PartlyFrozen
+from ._part import Rows as Rows
+from ._part import TrainableIndex as TrainableIndex
 from ._retype import freeze as freeze
 from ._retype import freezing as freezing
 from ._retype import unfreeze as unfreeze
@@ -31,13 +34,16 @@ __all__ = [
     "Filter",
     "FrozenParam",
     "Optimizer",
+    "PartlyFrozen",
     "PathRegex",
     "Row",
+    "Rows",
     "Summary",
     "Totals",
     "TrainStep",
     "UnfreezeSchedule",
     "Trainable",
+    "TrainableIndex",
     "apply_updates",
     "checkpoint",
     "freeze",

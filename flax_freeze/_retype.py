@@ -29,6 +29,17 @@ from ._filters import (
     to_predicate,
 )
 from ._nnx_compat import PytreeNodeImpl, get_node_impl, jax_to_nnx_path
+from ._part import (
+    Found,
+    PartlyFrozen,
+    Rows,
+    check_where,
+    current_mask,
+    find_parts,
+    part_variables,
+    rebuild,
+)
+from ._part import where_mask as where_mask
 from ._qwix import check_qwix
 from ._variables import (
     FROM_LEAF_KEY,
@@ -123,7 +134,7 @@ def replace(
     seen: set[int] = set()
 
     def visit(x: Any, path: Path, in_module: bool) -> Any:
-        if isinstance(x, nnx.Variable):
+        if isinstance(x, nnx.Variable | PartlyFrozen):
             return new_variables.get(id(x), x)
         if path in new_leaves:
             return new_leaves[path]
@@ -315,35 +326,56 @@ def _advice(
     return ""
 
 
-def _select(
-    func: str, node: Any, filter: Any, missing_ok: bool
-) -> tuple[dict[int, _Site], dict[Path, Any]]:
-    """Returns the parameters and bare leaves that ``filter`` selects in ``node``.
+@dataclass
+class _Chosen:
+    """What a filter selects: variables, bare pytree leaves and partly frozen arrays."""
+
+    sites: dict[int, _Site] = field(default_factory=dict)
+    leaves: dict[Path, Any] = field(default_factory=dict)
+    parts: dict[int, Found] = field(default_factory=dict)
+
+
+def _part_matches(pred: Predicate, found: Found) -> bool:
+    """A partly frozen array is selected when its trainable or its frozen part is, at its path."""
+    part = found.part
+    return any(pred(path, part.trainable) or pred(path, part.frozen) for path in found.paths)
+
+
+def _select(func: str, node: Any, filter: Any, missing_ok: bool) -> _Chosen:
+    """Returns the parameters, bare leaves and partly frozen arrays ``filter`` selects in ``node``.
 
     A tied variable is selected when the filter matches any of its paths. A bare
-    trainable leaf is shown to the filter as the ``nnx.Param`` it stands for.
+    trainable leaf is shown to the filter as the ``nnx.Param`` it stands for. A
+    :class:`PartlyFrozen` array is one unit at its own path: the filter sees its
+    trainable part and its frozen part there, and selects it if it selects either.
     """
     check_node(func, node)
     pred = to_predicate(filter, strings="path")
     if is_nothing(filter):
-        return {}, {}
+        return _Chosen()
     boxes: dict[Path, Any] = {}
     sites, raw = collect(node, boxes)
-    params = {k: s for k, s in sites.items() if is_any_param(s.variable)}
-    chosen = {k: s for k, s in params.items() if _matches(pred, s)}
-    chosen_raw = {p: x for p, x in raw.items() if selects_leaf(pred, p, x)}
-    if chosen or chosen_raw:
-        return chosen, chosen_raw
+    found_parts = find_parts(node)
+    inner = part_variables(found_parts)
+    params = {k: s for k, s in sites.items() if is_any_param(s.variable) and k not in inner}
+    chosen = _Chosen(
+        {k: s for k, s in params.items() if _matches(pred, s)},
+        {p: x for p, x in raw.items() if selects_leaf(pred, p, x)},
+        {k: f for k, f in found_parts.items() if _part_matches(pred, f)},
+    )
+    if chosen.sites or chosen.leaves or chosen.parts:
+        return chosen
     if isinstance(filter, str):
         _check_not_a_tag(func, filter, params)
     if not missing_ok:
-        all_paths = sorted([s.paths[0] for s in params.values()] + list(raw), key=str)
+        part_paths = [f.paths[0] for f in found_parts.values()]
+        all_paths = sorted([s.paths[0] for s in params.values()] + list(raw) + part_paths, key=str)
         found = [s.variable for s in params.values()] + [nnx.Param(x) for x in raw.values()]
         joined = [path_str(p) for p in all_paths]
         variables = [s.variable for s in sites.values()]
         advice = _advice(func, node, filter, found, list(boxes.values()), joined, variables)
         raise matched_nothing(func, filter, node, all_paths, advice=advice)
-    return chosen, chosen_raw
+    return chosen
 
 
 def _check_not_a_tag(func: str, filter: str, params: dict[int, _Site]) -> None:
@@ -367,6 +399,46 @@ def _check_not_a_tag(func: str, filter: str, params: dict[int, _Site]) -> None:
         )
 
 
+def _partial(func: str, chosen: _Chosen, where: Any) -> tuple[dict[int, Any], dict[Path, Any]]:
+    """What replaces each selected array once ``where``'s elements are frozen or made trainable.
+
+    ``freeze`` takes the elements ``where`` selects out of each array's
+    trainable elements, ``unfreeze`` adds them; an array whose trainable
+    elements do not change is left as it is.
+    """
+
+    def change(x: Any, path: Path, in_module: bool) -> Any:
+        metadata = x.get_metadata() if isinstance(x, nnx.Variable) else {}
+        if TRAINED_DTYPE_KEY in metadata:
+            raise ValueError(
+                f"`where` cannot select part of {path_str(path)!r}, which was frozen in "
+                f"{np.dtype(x.get_raw_value().dtype).name}: unfreeze it whole first "
+                f"(ff.unfreeze(node, {path_str(path)!r})), then freeze part of it."
+            )
+        now = current_mask(x)
+        selected = where_mask(where, now.shape, path, func)
+        after = now & ~selected if func == "freeze" else now | selected
+        if np.array_equal(after, now):
+            return x
+        prefer = x.axis if isinstance(x, PartlyFrozen) else None
+        if isinstance(where, Rows) and now.ndim:
+            prefer = where.axis % now.ndim
+        return rebuild(x, after, prefer, in_module)
+
+    new_variables: dict[int, Any] = {}
+    for k, s in chosen.sites.items():
+        if (new := change(s.variable, s.paths[0], s.in_module)) is not s.variable:
+            new_variables[k] = new
+    for k, f in chosen.parts.items():
+        if (new := change(f.part, f.paths[0], f.in_module)) is not f.part:
+            new_variables[k] = new
+    new_leaves = {}
+    for path, x in chosen.leaves.items():
+        if (new := change(x, path, False)) is not x:
+            new_leaves[path] = new
+    return new_variables, new_leaves
+
+
 def freeze(
     node: N,
     filter: Filter = Trainable,
@@ -374,6 +446,7 @@ def freeze(
     missing_ok: bool = False,
     dtype: Any = None,
     batch_stats: bool = False,
+    where: Any = None,
 ) -> N:
     """Makes the parameters that ``filter`` selects frozen, in place.
 
@@ -433,6 +506,11 @@ def freeze(
         dtype: keep the newly frozen parameters in this floating dtype.
         batch_stats: also put modules whose parameters are all frozen into
             inference mode (their batch statistics frozen).
+        where: freeze only these elements of each selected array: a boolean
+            mask broadcastable to the array, or :class:`Rows` (``ff.Rows(ids)``:
+            whole rows). The array becomes :class:`PartlyFrozen` (or
+            ``FrozenParam`` once no element trains); elements frozen already
+            stay frozen.
 
     Returns:
         ``node`` itself (modules change in place), or the rebuilt pytree.
@@ -472,19 +550,39 @@ def freeze(
     stored_dtype = _check_dtype(dtype)
     if not isinstance(batch_stats, bool):
         raise TypeError(f"`batch_stats` must be True or False, got {short_repr(batch_stats)}.")
-    chosen, chosen_raw = _select("freeze", node, filter, missing_ok)
-    check_qwix(node, [(s.variable, s.paths) for s in chosen.values()], filter)
-    new_variables = {
-        k: _frozen_copy(s.variable, stored_dtype) for k, s in chosen.items() if is_param(s.variable)
-    }
-    new_leaves = {p: frozen_leaf(x, stored_dtype) for p, x in chosen_raw.items()}
+    check_where(where, "freeze")
+    if where is not None and stored_dtype is not None:
+        raise ValueError(
+            f"`dtype` {short_repr(dtype)} cannot be combined with `where`: a partly frozen "
+            "array keeps one dtype. Freeze the whole array to keep it in another precision."
+        )
+    chosen = _select("freeze", node, filter, missing_ok)
+    check_qwix(node, [(s.variable, s.paths) for s in chosen.sites.values()], filter)
+    if where is not None:
+        new_variables, new_leaves = _partial("freeze", chosen, where)
+    else:
+        new_variables: dict[int, Any] = {
+            k: _frozen_copy(s.variable, stored_dtype)
+            for k, s in chosen.sites.items()
+            if is_param(s.variable)
+        }
+        for k, f in chosen.parts.items():
+            whole = rebuild(f.part, np.zeros(f.part.shape, bool), None, f.in_module)
+            if stored_dtype is not None:
+                metadata = whole.get_metadata()
+                value = _stored(whole.get_raw_value(), metadata, stored_dtype)
+                whole = FrozenParam.from_metadata(value, metadata)
+            new_variables[k] = whole
+        new_leaves = {p: frozen_leaf(x, stored_dtype) for p, x in chosen.leaves.items()}
     node = replace(node, new_variables, new_leaves)
     if batch_stats:
         freeze_stats(node)
     return node
 
 
-def unfreeze(node: N, filter: Filter = FrozenParam, *, missing_ok: bool = False) -> N:
+def unfreeze(
+    node: N, filter: Filter = FrozenParam, *, missing_ok: bool = False, where: Any = None
+) -> N:
     """Makes the frozen parameters that ``filter`` selects trainable again, in place.
 
     Each selected :class:`FrozenParam` becomes the type it had before
@@ -500,6 +598,11 @@ def unfreeze(node: N, filter: Filter = FrozenParam, *, missing_ok: bool = False)
             every frozen parameter. Parameters that are already trainable are
             left alone.
         missing_ok: allow a filter that selects no parameter.
+        where: make only these elements of each selected array trainable: a
+            boolean mask broadcastable to the array, or :class:`Rows`
+            (``ff.Rows(ids)``: whole rows). The array becomes
+            :class:`PartlyFrozen` (or its parameter type once every element
+            trains); elements trainable already stay trainable.
 
     Returns:
         ``node`` itself (modules change in place), or the rebuilt pytree.
@@ -521,13 +624,20 @@ def unfreeze(node: N, filter: Filter = FrozenParam, *, missing_ok: bool = False)
         >>> type(model.kernel).__name__, type(model.bias).__name__
         ('FrozenParam', 'Param')
     """
-    chosen, _ = _select("unfreeze", node, filter, missing_ok)
-    new_variables = {
-        k: _trainable_copy(s.variable, s.in_module)
-        for k, s in chosen.items()
-        if isinstance(s.variable, FrozenParam)
-    }
-    node = replace(node, new_variables, {})
+    check_where(where, "unfreeze")
+    chosen = _select("unfreeze", node, filter, missing_ok)
+    if where is not None:
+        new_variables, new_leaves = _partial("unfreeze", chosen, where)
+    else:
+        new_variables = {
+            k: _trainable_copy(s.variable, s.in_module)
+            for k, s in chosen.sites.items()
+            if isinstance(s.variable, FrozenParam)
+        }
+        for k, f in chosen.parts.items():
+            new_variables[k] = rebuild(f.part, np.ones(f.part.shape, bool), None, f.in_module)
+        new_leaves = {}
+    node = replace(node, new_variables, new_leaves)
     unfreeze_stats(node)
     return node
 

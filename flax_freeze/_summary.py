@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from ._filters import path_str
+from ._part import find_parts
 from ._retype import check_node
 from ._walk import Entry, status, type_name, walk
 
@@ -31,8 +32,11 @@ class Row:
         dtype: its dtype name; for a value that is no array, its Python type.
         status: ``trainable``, ``frozen`` or ``state`` (``unknown`` in a
             checkpoint without flags).
-        count: number of elements.
-        bytes: bytes of the elements.
+        count: number of elements. The frozen part of a
+            :class:`~flax_freeze.PartlyFrozen` array counts its frozen elements
+            only, the trainable part its trainable ones.
+        bytes: bytes of the elements; for the frozen part of a
+            ``PartlyFrozen`` array, of the whole array it holds.
     """
 
     path: str
@@ -263,12 +267,20 @@ def summary(node: Any) -> Summary:
         node,
         "pass its variables dict instead, ff.summary(module.init(key, x)).",
     )
-    rows = [_entry_row(entry) for entry in walk(node, empty=True).entries]
+    trained = {id(f.part.frozen): f.part.trainable for f in find_parts(node).values()}
+    rows = [
+        _entry_row(entry, trained.get(id(entry.variable)))
+        for entry in walk(node, empty=True).entries
+    ]
     return Summary(tuple(sorted(rows, key=lambda r: r.path)))
 
 
-def _entry_row(entry: Entry) -> Row:
-    """The row of one entry of the walk: under its first path, with its status and type."""
+def _entry_row(entry: Entry, trained: Any = None) -> Row:
+    """The row of one entry of the walk: under its first path, with its status and type.
+
+    ``trained`` is the trainable part when the entry is the frozen part of a
+    :class:`PartlyFrozen` array: its elements are not counted as frozen.
+    """
     value = entry.value
     if _array_like(value):
         shape, dtype, count = _size(value)
@@ -282,5 +294,7 @@ def _entry_row(entry: Entry) -> Row:
                 _, leaf_dtype, leaf_count = _size(leaf)
                 count += leaf_count
                 nbytes += leaf_count * leaf_dtype.itemsize
+    if trained is not None:
+        count -= int(np.prod(np.shape(trained.get_raw_value()), dtype=np.int64))
     path = path_str(min(entry.paths, key=path_str))
     return Row(path, type_name(entry), shape, dtype_name, status(entry), count, nbytes)
