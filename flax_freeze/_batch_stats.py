@@ -15,6 +15,7 @@ from typing import Any
 
 from flax import nnx
 
+from ._part import PartlyFrozen
 from ._variables import FrozenParam, is_any_param
 
 #: Metadata key on a module's batch statistics: its ``use_running_average`` before.
@@ -30,6 +31,7 @@ def _modules(node: Any) -> list[tuple[Any, list[nnx.Variable[Any]], list[nnx.Var
         own = [v for v in vars(x).values() if isinstance(v, nnx.Variable)]
         stats = [v for v in own if isinstance(v, nnx.BatchStat)]
         params = [v for v in own if is_any_param(v) or isinstance(v, FrozenParam)]
+        params += [v for v in vars(x).values() if isinstance(v, PartlyFrozen)]  # part trains
         if stats and params:
             found.append((x, params, stats))
     return found

@@ -486,3 +486,57 @@ def find_parts(node: Any) -> dict[int, Found]:
 def part_variables(parts: dict[int, Found]) -> set[int]:
     """The ids of the variables the parts hold."""
     return {id(v) for f in parts.values() for v in (f.part.trainable, f.part.frozen, f.part.index)}
+
+
+def _placeholder(like: Any, shape: tuple[int, ...], dtype: Any, sharding: Any) -> Any:
+    """Zeros of ``shape`` (abstract when ``like`` is), where a restore writes the saved values."""
+    if isinstance(like, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    zeros = jnp.zeros(shape, dtype)
+    return zeros if sharding is None else jax.device_put(zeros, sharding)
+
+
+def part_to_fill(x: Any, axis: int | None, trainable_shape: tuple[int, ...], dtype: Any) -> Any:
+    """A :class:`PartlyFrozen` of ``x``'s array with ``trainable_shape``, for a restore to fill.
+
+    Its frozen part holds ``x``'s whole array (or its abstract value), its
+    trainable part and index zeros of the saved shapes: the restore writes
+    all three.
+    """
+    if isinstance(x, PartlyFrozen):
+        value, metadata = x.frozen.get_raw_value(), x.frozen.get_metadata()
+    else:
+        value, metadata = _whole(x)
+    param_type = metadata.get(PARAM_TYPE_KEY) or nnx.Param
+    ndim = len(np.shape(value)) if not isinstance(value, jax.ShapeDtypeStruct) else value.ndim
+    part = _placeholder(value, trainable_shape, dtype, _take_sharding(value, axis))
+    n = trainable_shape[0] if axis is None else trainable_shape[axis]
+    index = _placeholder(value, (n,), jnp.int32, _take_sharding(value, None))
+    trainable = _make(param_type, part, _part_metadata(metadata, axis, ndim))
+    frozen = _make(FrozenParam, value, dict(metadata))
+    return PartlyFrozen(trainable, frozen, TrainableIndex(index), axis)
+
+
+def whole_to_fill(part: PartlyFrozen, in_module: bool) -> Any:
+    """The whole parameter (trainable, of the array's type) in a part's place, for a restore."""
+    value, metadata = part.frozen.get_raw_value(), part.frozen.get_metadata()
+    param_type = metadata.get(PARAM_TYPE_KEY) or nnx.Param
+    from_leaf = bool(metadata.get(FROM_LEAF_KEY)) and not in_module
+    if from_leaf:
+        return value
+    clean = {k: v for k, v in metadata.items() if k not in (PARAM_TYPE_KEY, FROM_LEAF_KEY)}
+    return _make(param_type, value, clean)
+
+
+def rows_axis_of(trainable_shape: tuple[int, ...], whole_shape: tuple[int, ...]) -> int | None:
+    """The axis of a saved part's rows, from its shapes (None: flat elements).
+
+    A part holds rows along one axis (the one shape where its trainable part
+    is shorter) or, for an element mask, a flat vector (a 1-D array's
+    elements are its rows along axis 0).
+    """
+    if len(trainable_shape) != len(whole_shape):
+        return None
+    pairs = enumerate(zip(trainable_shape, whole_shape, strict=True))
+    differ = [axis for axis, (t, w) in pairs if t != w]
+    return differ[0] if len(differ) == 1 else None

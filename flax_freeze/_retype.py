@@ -134,8 +134,10 @@ def replace(
     seen: set[int] = set()
 
     def visit(x: Any, path: Path, in_module: bool) -> Any:
-        if isinstance(x, nnx.Variable | PartlyFrozen):
+        if isinstance(x, nnx.Variable):
             return new_variables.get(id(x), x)
+        if isinstance(x, PartlyFrozen) and id(x) in new_variables:
+            return new_variables[id(x)]
         if path in new_leaves:
             return new_leaves[path]
         impl = get_node_impl(x)
@@ -676,14 +678,22 @@ def freezing(node: N, filter: Filter = Trainable, *, missing_ok: bool = False) -
         'Param'
     """
     before = collect(node)[0]  # holds the old variables, so their ids stay unique
+    parts = {path: f.part for f in find_parts(node).values() for path in f.paths}
     frozen = freeze(node, filter, missing_ok=missing_ok)
-    created = {
-        k
-        for k, s in collect(frozen)[0].items()
-        if k not in before and isinstance(s.variable, FrozenParam)
-    }
+    created: set[int] = set()
+    back: dict[int, PartlyFrozen] = {}  # a partly frozen array frozen whole: it comes back
+    for k, s in collect(frozen)[0].items():
+        if k in before or not isinstance(s.variable, FrozenParam):
+            continue
+        part = next((parts[p] for p in s.paths if p in parts), None)
+        if part is None:
+            created.add(k)
+        else:
+            back[k] = part
     del before
     try:
         yield frozen
     finally:
         unfreeze(frozen, lambda _path, v: id(v) in created, missing_ok=True)
+        if back:
+            replace(frozen, dict(back), {})

@@ -74,3 +74,11 @@ def test_batchnorm_already_in_inference_mode_stays_so_after_unfreeze():
 def test_bad_batch_stats():
     with pytest.raises(TypeError, match=r"`batch_stats` must be True or False, got 'yes'"):
         ff.freeze(Net(), batch_stats="yes")  # type: ignore[arg-type]
+
+
+def test_a_batchnorm_with_a_partly_frozen_parameter_keeps_training():
+    bn = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+    ff.freeze(bn, "bias")
+    ff.freeze(bn, "scale", where=np.array([True, False, True]), batch_stats=True)
+    assert isinstance(bn.scale, ff.PartlyFrozen)
+    assert bn.use_running_average is False

@@ -402,3 +402,98 @@ def test_summary_counts_trainable_and_frozen_elements_separately():
     assert rows["embed/embedding/frozen"] == ("frozen", (V - 3) * D, V * D * 4)
     assert rows["embed/embedding/index"] == ("state", 3, 12)
     assert ff.summary(model).trainable_count == 3 * D
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _trained_run(tmp_path):
+    model = new_token_model()
+    opt = ff.Optimizer(model, optax.adam(0.05))
+    step = ff.TrainStep(model, opt, lm_loss)
+    for _ in range(3):
+        step(TOKENS)
+    ff.checkpoint.save(tmp_path / "ckpt", (model, opt))
+    return model, opt, step
+
+
+def test_checkpoint_restores_the_partition_into_a_model_that_holds_the_array_whole(tmp_path):
+    model, opt, step = _trained_run(tmp_path)
+    fresh = LM(seed=5)  # all trainable, other values
+    fresh_opt = ff.Optimizer(fresh, optax.adam(0.05))
+    fresh, fresh_opt = ff.checkpoint.restore(tmp_path / "ckpt", (fresh, fresh_opt))
+    part = fresh.embed.embedding
+    assert isinstance(part, ff.PartlyFrozen)
+    assert part.axis == 0
+    assert part.index[...].tolist() == NEW
+    np.testing.assert_array_equal(whole(part), whole(model.embed.embedding))
+    assert type(fresh.dense.kernel) is ff.FrozenParam
+    mu = fresh_opt.opt_state[0].mu["embed"]["embedding"]["trainable"][...]
+    np.testing.assert_array_equal(mu, opt.opt_state[0].mu["embed"]["embedding"]["trainable"][...])
+    resumed = ff.TrainStep(fresh, fresh_opt, lm_loss)
+    assert float(resumed(TOKENS)) == float(step(TOKENS))  # training resumes bit-exactly
+    np.testing.assert_array_equal(whole(fresh.embed.embedding), whole(model.embed.embedding))
+
+
+def test_checkpoint_replaces_a_target_split_another_way(tmp_path):
+    model, _, _ = _trained_run(tmp_path)
+    target = LM(seed=5)
+    ff.freeze(target, "embed/embedding", where=~np.eye(V, D, dtype=bool))  # elements
+    with pytest.warns(ff.checkpoint.PartialRestoreWarning, match="1/opt_state"):
+        restored = ff.checkpoint.restore(tmp_path / "ckpt", (target,), partial=True)[0]
+    assert restored.embed.embedding.axis == 0
+    assert restored.embed.embedding.index[...].tolist() == NEW
+    np.testing.assert_array_equal(whole(restored.embed.embedding), whole(model.embed.embedding))
+
+
+def test_checkpoint_saved_whole_makes_a_partly_frozen_target_whole(tmp_path):
+    model = LM()
+    ff.freeze(model, "dense/.*")
+    ff.checkpoint.save(tmp_path / "whole", model)
+    target = new_token_model(seed=3)
+    restored = ff.checkpoint.restore(tmp_path / "whole", target)
+    assert type(restored.embed.embedding) is nnx.Param
+    np.testing.assert_array_equal(whole(restored.embed.embedding), whole(model.embed.embedding))
+    assert type(restored.dense.kernel) is ff.FrozenParam
+
+
+def test_checkpoint_of_a_pytree_with_fixed_dimensions(tmp_path):
+    params = {"lengthscale": jnp.array([1.0, 2.0, 3.0, 4.0]), "variance": jnp.asarray(1.5)}
+    saved = ff.freeze(params, "lengthscale", where=np.array([False, True, False, True]))
+    ff.checkpoint.save(tmp_path / "gp", saved)
+    fresh = {"lengthscale": jnp.zeros(4), "variance": jnp.asarray(0.0)}
+    restored = ff.checkpoint.restore(tmp_path / "gp", fresh)
+    ls = restored["lengthscale"]
+    assert isinstance(ls, ff.PartlyFrozen)
+    assert ls.index[...].tolist() == [0, 2]
+    np.testing.assert_array_equal(np.asarray(ls), [1.0, 2.0, 3.0, 4.0])
+
+
+def test_checkpoint_restores_into_an_abstract_model(tmp_path):
+    model, _, _ = _trained_run(tmp_path)
+    abstract = nnx.eval_shape(lambda: LM(seed=1))
+    with pytest.warns(ff.checkpoint.PartialRestoreWarning, match="1/opt_state"):
+        restored = ff.checkpoint.restore(tmp_path / "ckpt", (abstract,), partial=True)[0]
+    assert restored.embed.embedding.index[...].tolist() == NEW
+    np.testing.assert_array_equal(whole(restored.embed.embedding), whole(model.embed.embedding))
+
+
+def test_describe_counts_trainable_and_frozen_elements_separately(tmp_path):
+    _trained_run(tmp_path)
+    rows = {
+        r.path: (r.status, r.count, r.bytes) for r in ff.checkpoint.describe(tmp_path / "ckpt").rows
+    }
+    assert rows["0/embed/embedding/trainable"] == ("trainable", 3 * D, 3 * D * 4)
+    assert rows["0/embed/embedding/frozen"] == ("frozen", (V - 3) * D, V * D * 4)
+    assert rows["0/embed/embedding/index"] == ("state", 3, 12)
+
+
+def test_freezing_gives_a_partly_frozen_array_back_on_exit():
+    model = new_token_model()
+    part = model.embed.embedding
+    ff.unfreeze(model, "dense/.*")
+    with ff.freezing(model):
+        assert type(model.embed.embedding) is ff.FrozenParam
+        assert type(model.dense.kernel) is ff.FrozenParam
+    assert model.embed.embedding is part
+    assert type(model.dense.kernel) is nnx.Param

@@ -14,6 +14,7 @@ from .._summary import Row, Totals, human_bytes, table
 from .._walk import join
 from ._flags import Flags
 from ._layout import _checkpoint_or_step, _locate
+from ._parts import frozen_counts
 from ._read import _read
 
 
@@ -158,11 +159,14 @@ def describe(directory: str | epath.PathLike, *, step: int | None = None) -> Des
     layout = _locate(path)
     stored, flags = _read(layout)
     rows = []
+    trained_elsewhere = frozen_counts(flags, stored)  # the frozen parts of partly frozen arrays
     for key, meta in stored.items():
         if meta.shape is None or meta.dtype is None:
             continue
         name = join(key)
         count = math.prod(meta.shape)
+        nbytes = count * meta.dtype.itemsize
+        count -= trained_elsewhere.get(key, 0)
         if flags is None:
             type_name, status = "-", "unknown"
         else:
@@ -170,9 +174,7 @@ def describe(directory: str | epath.PathLike, *, step: int | None = None) -> Des
             status = _status(flags, name)
         impl = flags.keys.get(name) if flags else None
         dtype = f"key<{impl}> data ({meta.dtype.name})" if impl else meta.dtype.name
-        rows.append(
-            Row(name, type_name, meta.shape, dtype, status, count, count * meta.dtype.itemsize)
-        )
+        rows.append(Row(name, type_name, meta.shape, dtype, status, count, nbytes))
     rows.sort(key=lambda r: r.path)
     base = []
     for name, (shape, dtype, _) in sorted(flags.base.items() if flags else ()):

@@ -50,6 +50,7 @@ from ._opt_state import (
     _plan_opt_states,
     _rebuild_opt_state,
 )
+from ._parts import PartPlan, plan_parts
 from ._read import _candidates, _read, _Stored
 from ._reads import Mismatch, _Read
 from ._retype_plan import _box_changes, _plan_retype, _Retype
@@ -81,6 +82,7 @@ class _Plan:
     # and the variables that take those counts.
     own_counts: list[tuple[Optimizer[Any], tuple[Path, ...], tuple[Path, ...], Any]]
     opt: _OptStatePlan = field(default_factory=lambda: _OptStatePlan())
+    parts: PartPlan = field(default_factory=PartPlan)  # the target split as saved
 
     def _all_reads(self) -> list[_Read]:
         return [*self.reads.values(), *self.opt.fill.values()]
@@ -180,7 +182,10 @@ class _Plan:
         """Re-types ``target``, rebuilds optimizer states, and fills in the restored arrays."""
         arrays = _flatten(restored)
         self.check(arrays, verify)
-        node = self._retype(target)
+        node: Any = target
+        if self.parts.new or self.parts.new_at:
+            node = replace(node, self.parts.new, self.parts.new_at)
+        node = self._retype(node)
         for opt, state, trained in self.optimizers:
             opt.opt_state = nnx.data(state)
             opt.trained_paths = trained
@@ -294,6 +299,8 @@ def _plan(
             f"{target!r:.200}. Pass a module, an optimizer, or a pytree of them or of arrays "
             "(concrete, or abstract from nnx.eval_shape)."
         )
+    parts = plan_parts(target, entries, saved, stored)
+    entries = parts.entries(entries)
     adapter = saved is not None and saved.is_adapter
     known = stored
     if saved is not None and adapter:
@@ -447,6 +454,7 @@ def _plan(
         saved,
         own_counts,
         opt,
+        parts,
     )
 
 
