@@ -229,10 +229,14 @@ class PartlyFrozen:
     def __repr__(self) -> str:
         """Shape, dtype and how many elements train."""
         n = int(np.prod(self.trainable.get_raw_value().shape, dtype=np.int64))
-        where = "elements" if self.axis is None else f"rows along axis {self.axis}"
+        k = len(self.index.get_raw_value())
+        if self.axis is None or self.ndim == 1:
+            where = f"{k} element{'s' * (k != 1)}"
+        else:
+            where = f"{k} row{'s' * (k != 1)} along axis {self.axis}"
         return (
             f"PartlyFrozen(shape={self.shape}, dtype={self.dtype}, trainable {n} of "
-            f"{self.size} ({len(self.index.get_raw_value())} {where}))"
+            f"{self.size} ({where}))"
         )
 
     __add__ = _operator("__add__")
