@@ -23,7 +23,8 @@ from ._filters import (
     string_filter_advice,
     to_predicate,
 )
-from ._nnx_compat import is_graph_node, jax_to_nnx_path
+from ._nnx_compat import is_graph_node, jax_to_nnx_path, varying_axes
+from ._part import reading_varying
 from ._retype import collect, is_raw_trainable, selects_leaf
 from ._variables import FrozenParam, Trainable, is_any_param, unregistered_hint
 
@@ -263,6 +264,8 @@ def grad_general(
                 raise _selected_nothing(func, wrt, originals, nums)
             _check_some_parameter(originals, nums)
         written: list[Path] = []
+        # Under shard_map, partly frozen arrays are read as varying where the batch does.
+        axes = frozenset().union(*map(varying_axes, jax.tree.leaves(rest)))
 
         def pure(diff: nnx.State, rest: nnx.State) -> tuple[Any, tuple[Any, list[Any]]]:
             inner = nnx.merge(graphdef, diff, rest, copy=True)
@@ -271,7 +274,8 @@ def grad_general(
             inner_args = list(inner[0])
             for i in pytree_positions:
                 inner_args[i] = _unwrap_leaves(inner_args[i])
-            loss, aux = _split_output(f(*inner_args, **inner[1]), has_aux)
+            with reading_varying(axes):
+                loss, aux = _split_output(f(*inner_args, **inner[1]), has_aux)
             # State the function wrote (batch statistics, counters) goes out through aux.
             written.clear()
             values = []

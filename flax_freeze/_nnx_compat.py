@@ -10,7 +10,8 @@ named here, and the other modules import it from here:
 - The optimizer state types of ``nnx.Optimizer`` (``OptArray``,
   ``OptVariable``, ``to_opt_state``) and a variable's partition spec
   (``get_var_pspec``).
-- Whether JAX is tracing right now (:func:`in_transformation`).
+- Whether JAX is tracing right now (:func:`in_transformation`), and along which
+  ``shard_map`` axes a value varies (:func:`varying_axes`).
 - Splitting a traced function by partial evaluation, dead-code elimination
   and evaluation of the parts (:func:`partial_eval_jaxpr`, :func:`dce_jaxpr`,
   :func:`eval_jaxpr`), for step counts of a parameter's own.
@@ -28,6 +29,7 @@ import operator
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
 from flax.nnx import graphlib
@@ -56,6 +58,7 @@ __all__ = [
     "jax_to_nnx_path",
     "raw_slot",
     "to_opt_state",
+    "varying_axes",
 ]
 
 #: Flax's bookkeeping attribute in every NNX object, which ``nnx.jit`` replaces
@@ -145,3 +148,22 @@ def dce_jaxpr(closed: Any, used_outputs: list[bool]) -> Any:
 def eval_jaxpr(closed: Any, *args: Any) -> list[Any]:
     """Evaluates a closed jaxpr on ``args`` (traced into whatever is tracing now)."""
     return jax_core.eval_jaxpr(closed.jaxpr, closed.consts, *args)
+
+
+def varying_axes(x: Any) -> frozenset[Any]:
+    """The manual mesh axes (``shard_map``'s) along which ``x`` varies; empty outside.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax_freeze._nnx_compat import varying_axes
+        >>> varying_axes(jnp.ones(2))
+        frozenset()
+    """
+    try:
+        aval = jax.typeof(x)
+    except TypeError:
+        return frozenset()
+    manual = getattr(aval, "manual_axis_type", None)
+    if manual is not None:
+        return frozenset(manual.varying)
+    return frozenset(getattr(aval, "vma", ()))

@@ -14,7 +14,9 @@ one more parameter and ``frozen`` one more frozen one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +27,7 @@ from flax import nnx
 from jax.core import Tracer
 
 from ._filters import Path, path_str, short_repr
-from ._nnx_compat import get_node_impl
+from ._nnx_compat import get_node_impl, varying_axes
 from ._variables import FROM_LEAF_KEY, PARAM_TYPE_KEY, FrozenParam
 
 #: Metadata entries that describe how an array is laid out on devices by axis.
@@ -181,9 +183,14 @@ class PartlyFrozen:
 
     def get_value(self) -> jax.Array:
         """The whole array, the trainable elements in place."""
-        return assemble(
-            self.frozen.get_value(), self.trainable.get_value(), self.index.get_value(), self.axis
+        frozen, trainable, index = (
+            self.frozen.get_value(),
+            self.trainable.get_value(),
+            self.index.get_value(),
         )
+        if _VARYING.get():
+            frozen, trainable = _varying(jnp.asarray(frozen)), _varying(jnp.asarray(trainable))
+        return assemble(frozen, trainable, index, self.axis)
 
     def __getitem__(self, key: Any) -> Any:
         """Indexes the whole array (``x[...]`` is all of it)."""
@@ -267,6 +274,34 @@ class PartlyFrozen:
     def T(self) -> jax.Array:  # noqa: N802
         """The whole array, transposed."""
         return self.get_value().T
+
+
+#: The ``shard_map`` axes along which the batch of the function being differentiated
+#: varies (set by :func:`~flax_freeze.grad`); empty elsewhere.
+_VARYING: contextvars.ContextVar[frozenset[Any]] = contextvars.ContextVar(
+    "flax_freeze_varying", default=frozenset()
+)
+
+
+@contextlib.contextmanager
+def reading_varying(axes: frozenset[Any]) -> Iterator[None]:
+    """Inside: partly frozen arrays are read as varying along ``axes`` (``shard_map``).
+
+    Under ``shard_map`` with ``check_vma``, a replicated array that meets the
+    batch is made varying where it does, and the gradient of that cast is a
+    ``psum``. Cast the parts before assembling the whole array, and what is
+    summed is the trainable part's gradient, not the whole array's.
+    """
+    token = _VARYING.set(axes)
+    try:
+        yield
+    finally:
+        _VARYING.reset(token)
+
+
+def _varying(x: jax.Array) -> jax.Array:
+    missing = tuple(sorted(_VARYING.get() - varying_axes(x), key=str))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
 def assemble(frozen: jax.Array, trainable: jax.Array, index: jax.Array, axis: int | None) -> Any:

@@ -11,18 +11,22 @@ only trainable array, so its gradient is 288 bytes):
   ``embed.attend``) costs a whole-table all-reduce per read. The gradient
   communication of a partly trainable table is thus that of a fully trainable
   one; only the gradient and optimizer state that are kept are K rows.
-- ``jax.shard_map`` with ``check_vma=True`` (the default): the table assembled
-  from replicated inputs is itself replicated, and JAX puts the ``pvary`` at the
-  lookup with the sharded tokens, on the whole table; its transpose is a
-  ``psum`` of ``f32[96,24]`` too (one per read: ``attend`` adds ``f32[24,96]``).
+- ``jax.shard_map`` with ``check_vma=True`` (the default), the gradient taken by
+  ``ff.grad``: it reads a partly frozen array as varying along the axes its
+  batch varies on, casting the trainable part and the frozen array before
+  assembling the whole, so the ``psum`` JAX puts at the transpose of that cast
+  is the trainable part's gradient: ``f32[3,24]`` (288 bytes), one per read
+  (``attend`` adds one). Without that cast the table assembled from replicated
+  inputs would be cast at the lookup, and its transpose would sum the whole
+  table's cotangent.
 - ``jax.shard_map`` with ``check_vma=False`` and ``jax.pmap`` (local gradient,
   then ``pmean``): the gradient is K rows when it is reduced, and ``f32[3,24]``
-  (288 bytes) is all that is all-reduced for it.
+  is all that is all-reduced for it.
 
 The same holds for an element mask (the trainable part a flat vector): the
-whole array's cotangent is all-reduced under ``jax.jit`` and ``shard_map`` with
-``check_vma``, the trainable elements only with the ``pmean`` of local
-gradients. Every style trains the same weights as one device does.
+whole array's cotangent is all-reduced under ``jax.jit``, the trainable
+elements only under ``shard_map`` and ``pmap``. Every style trains the same
+weights as one device does.
 
 On a table sharded over a "model" mesh axis (batch on "data") the all-reduce over
 "data" is likewise the whole table's cotangent, per device: ``f32[96,6]`` for a
@@ -261,12 +265,14 @@ STYLES = ["train_step", "nnx_jit", "shard_map", "shard_map_no_vma", "pmap"]
 
 def reduced_for_the_part(style, case):
     """The arrays all-reduced per step for the part's gradient, as measured (see the top)."""
-    if style in ("shard_map_no_vma", "pmap"):  # the gradient of the trainable elements
-        return [(int(MASK.sum()),)] if case == "mask" else [(K, D)]
+    if style in ("shard_map", "shard_map_no_vma", "pmap"):  # the trainable elements' gradient
+        if case == "mask":
+            return [(int(MASK.sum()),)]
+        return [(K, D), (K, D)] if case == "rows-tied" and style == "shard_map" else [(K, D)]
     if case == "mask":  # the whole kernel's cotangent
         return [(D, D)]
     if case == "rows-tied":  # one per read: the lookup and attend
-        return [(V, D), (D, V)] if style == "shard_map" else [(V, D), (V, D)]
+        return [(V, D), (V, D)]
     return [(V, D)]  # the whole table's cotangent, never (K, D)
 
 
@@ -288,7 +294,9 @@ def test_data_parallel_trains_as_one_device_and_all_reduces(style, case):
     assert all(dtype == "f32" for dtype, _ in arrays), arrays
     assert sorted(shape for _, shape in arrays) == sorted([(), *reduced_for_the_part(style, case)])
     reduced = sum(nbytes(*a) for a in arrays)
-    if style in ("shard_map_no_vma", "pmap"):
+    if style == "shard_map":  # the trainable part's gradient, once per read
+        assert reduced == trainable * (2 if case == "rows-tied" else 1) + 4
+    elif style in ("shard_map_no_vma", "pmap"):
         assert reduced == trainable + 4
     else:  # the whole array's cotangent: as much as if all of it trained
         assert reduced == 4 * mask.size * (2 if case == "rows-tied" else 1) + 4
