@@ -15,8 +15,9 @@ the rows. Four ways to write one jitted step (loss, gradient, adamw update):
   let weight decay move them);
 * **flax_freeze rows**: ``ff.unfreeze(model, "embed/embedding",
   where=ff.Rows(ids))``, ``ff.Optimizer`` and ``ff.TrainStep``: gradient and
-  adamw state for the k rows only; the model reads the table assembled
-  (``frozen.at[index].set(trainable)``);
+  adamw state for the k rows only; the model reads the table assembled (a
+  select between the frozen table and the k rows spread out to every row,
+  which the lookup fuses);
 * **hand split**: the ideal a lookup-aware split could reach: the k rows a
   separate (k, d) array and the lookup written as
   ``jnp.where(is_new[tokens], new_rows[pos[tokens]], table[tokens])``, so
@@ -87,7 +88,7 @@ DESCRIPTIONS: dict[str, str] = {
     "the frozen rows): what users write today",
     ROWS: '`ff.unfreeze(model, "embed/embedding", where=ff.Rows(ids))` + `ff.Optimizer` + '
     "`ff.TrainStep`: gradient and adamw state for the k rows; the model reads the table "
-    "assembled, `frozen.at[index].set(trainable)`",
+    "assembled (a select between the frozen table and the k rows spread out to every row)",
     HAND: "hand-written lookup-aware split: the k rows a separate (k, d) array, the lookup "
     "`jnp.where(is_new[tokens], new_rows[pos[tokens]], table[tokens])`",
 }
@@ -590,10 +591,15 @@ def conclusion(result: dict[str, Any]) -> str:
             f"For the gradient of the assembled table XLA does materialise it whole: a {v}×{d} "
             f"zero buffer (a broadcast), a scatter-add of the batch's "
             f"{back_add[0]['rows']} token rows into it, then a gather of the {k} trainable "
-            f"rows out of it; the forward pass also copies the frozen table and scatters the "
-            f"{k} rows into the copy: {len(rows_hlo['table_buffers'])} V×d results per step "
-            f"({', '.join(rows_hlo['table_buffers'])}), the in-place ones sharing buffers, "
-            f"{_bytes(r[ROWS]['temp_bytes'])} of temporaries in all."
+            f"rows out of it: {len(rows_hlo['table_buffers'])} V×d results per step "
+            f"({', '.join(rows_hlo['table_buffers'])}), "
+            f"{_bytes(r[ROWS]['temp_bytes'])} of temporaries in all. "
+            + (
+                "The forward pass builds no V×d array: the lookup reads the select of the "
+                "frozen table and the k rows (spread out to every row) fused."
+                if not any("copy" in b for b in rows_hlo["table_buffers"])
+                else "The forward pass also copies the frozen table."
+            )
         )
     else:
         hlo = (

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -312,8 +313,43 @@ def assemble(frozen: jax.Array, trainable: jax.Array, index: jax.Array, axis: in
         flat = frozen.reshape(-1).at[index]
         flat = flat.set(trainable, indices_are_sorted=True, unique_indices=True)
         return flat.reshape(frozen.shape)
+    return _rows(frozen, trainable, index, axis)
+
+
+def _row_maps(index: jax.Array, n: int, ndim: int, axis: int) -> tuple[jax.Array, jax.Array]:
+    """Which of the ``n`` rows train (shaped to broadcast along ``axis``), and their positions."""
+    shape = [1] * ndim
+    shape[axis] = n
+    rows = jnp.zeros(n, bool).at[index].set(True, unique_indices=True).reshape(shape)
+    k = index.shape[0]
+    pos = jnp.zeros(n, jnp.int32).at[index].set(jnp.arange(k, dtype=jnp.int32), unique_indices=True)
+    return rows, pos
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _rows(frozen: jax.Array, trainable: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+    """``frozen`` with the rows ``index`` (along ``axis``) taken from ``trainable``.
+
+    Written as a select between ``frozen`` and ``trainable`` spread out to
+    every row, so that a consumer reading a few rows (an embedding lookup)
+    fuses it and never builds the whole array. Its derivative is the scatter
+    of ``trainable``'s tangent into ``frozen``'s, whose transpose gathers the
+    cotangent's rows ``index`` (rather than summing over every row, as the
+    select's own derivative would).
+    """
+    rows, pos = _row_maps(index, frozen.shape[axis], frozen.ndim, axis)
+    return jnp.where(rows, jnp.take(trainable, pos, axis=axis, mode="clip"), frozen)
+
+
+@_rows.defjvp
+def _rows_jvp(
+    axis: int, primals: tuple[jax.Array, ...], tangents: tuple[Any, ...]
+) -> tuple[jax.Array, jax.Array]:
+    frozen, trainable, index = primals
+    frozen_dot, trainable_dot, _ = tangents
     where = (slice(None),) * axis + (index,)
-    return frozen.at[where].set(trainable, indices_are_sorted=True, unique_indices=True)
+    out_dot = frozen_dot.at[where].set(trainable_dot, indices_are_sorted=True, unique_indices=True)
+    return _rows(frozen, trainable, index, axis), out_dot
 
 
 def _index_mask(index: np.ndarray, shape: tuple[int, ...], axis: int | None) -> np.ndarray:
