@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from step import machine, time_interleaved  # pyright: ignore[reportMissingImports]
+from step import _bytes, machine, time_interleaved  # pyright: ignore[reportMissingImports]
 
 import flax_freeze as ff
 
@@ -559,16 +559,6 @@ def run_k(sizes: Sizes, k: int) -> dict[str, Any]:
         ),
         "rows": list(rows.values()),
     }
-
-
-def _bytes(n: float) -> str:
-    if n < 1024:
-        return f"{n:,.0f} B"
-    for unit in ("KiB", "MiB", "GiB"):
-        n /= 1024
-        if n < 1024 or unit == "GiB":
-            return f"{n:,.1f} {unit}"
-    raise AssertionError("unreachable")
 
 
 def conclusion(result: dict[str, Any]) -> str:
