@@ -497,3 +497,22 @@ def test_freezing_gives_a_partly_frozen_array_back_on_exit():
         assert type(model.dense.kernel) is ff.FrozenParam
     assert model.embed.embedding is part
     assert type(model.dense.kernel) is nnx.Param
+
+
+def test_one_optimizer_and_step_follow_a_change_to_part_of_an_array():
+    model = LM()
+    ff.freeze(model, "dense/.*")
+    opt = ff.Optimizer(model, optax.adamw(0.05, weight_decay=0.1))
+    step = ff.TrainStep(model, opt, lm_loss)
+    for _ in range(2):
+        step(TOKENS)
+    ff.freeze(model, "embed/embedding", where=ff.Rows(range(7)))  # keep training rows 7-9
+    before = whole(model.embed.embedding)
+    for _ in range(3):
+        step(TOKENS)
+    after = whole(model.embed.embedding)
+    np.testing.assert_array_equal(after[:7], before[:7])
+    assert np.all(after[NEW] != before[NEW])
+    mu = opt.opt_state[0].mu
+    assert [p for p, _ in nnx.to_flat_state(mu)] == [("embed", "embedding", "trainable")]
+    assert opt.own_paths == (("embed", "embedding", "trainable"),)  # a fresh start for it
