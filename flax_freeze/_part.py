@@ -184,14 +184,20 @@ class PartlyFrozen:
 
     def get_value(self) -> jax.Array:
         """The whole array, the trainable elements in place."""
-        frozen, trainable, index = (
-            self.frozen.get_value(),
-            self.trainable.get_value(),
-            self.index.get_value(),
-        )
+        return assemble(*self.parts(), self.axis)
+
+    def parts(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``(frozen, trainable, index)`` as arrays, for code that reads them without assembling.
+
+        Inside :func:`~flax_freeze.grad` under ``shard_map``, the two parts are
+        cast to vary where the batch does, so that what is summed across
+        devices is the trainable part's gradient.
+        """
+        frozen = jnp.asarray(self.frozen.get_value())
+        trainable = jnp.asarray(self.trainable.get_value())
         if _VARYING.get():
-            frozen, trainable = _varying(jnp.asarray(frozen)), _varying(jnp.asarray(trainable))
-        return assemble(frozen, trainable, index, self.axis)
+            frozen, trainable = _varying(frozen), _varying(trainable)
+        return frozen, trainable, jnp.asarray(self.index.get_value())
 
     def __getitem__(self, key: Any) -> Any:
         """Indexes the whole array (``x[...]`` is all of it)."""
@@ -316,7 +322,7 @@ def assemble(frozen: jax.Array, trainable: jax.Array, index: jax.Array, axis: in
     return _rows(frozen, trainable, index, axis)
 
 
-def _row_maps(index: jax.Array, n: int, ndim: int, axis: int) -> tuple[jax.Array, jax.Array]:
+def row_maps(index: jax.Array, n: int, ndim: int, axis: int) -> tuple[jax.Array, jax.Array]:
     """Which of the ``n`` rows train (shaped to broadcast along ``axis``), and their positions."""
     shape = [1] * ndim
     shape[axis] = n
@@ -337,7 +343,7 @@ def _rows(frozen: jax.Array, trainable: jax.Array, index: jax.Array, axis: int) 
     cotangent's rows ``index`` (rather than summing over every row, as the
     select's own derivative would).
     """
-    rows, pos = _row_maps(index, frozen.shape[axis], frozen.ndim, axis)
+    rows, pos = row_maps(index, frozen.shape[axis], frozen.ndim, axis)
     return jnp.where(rows, jnp.take(trainable, pos, axis=axis, mode="clip"), frozen)
 
 

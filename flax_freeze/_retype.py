@@ -16,6 +16,7 @@ from . import _version
 from ._batch_stats import freeze_stats, unfreeze_stats
 from ._boxes import is_frozen_box
 from ._bridge import check_bridge_retype, sync_bridge_class
+from ._embed import sync_embed_class
 from ._filters import (
     Filter,
     Path,
@@ -152,6 +153,7 @@ def replace(
                 if new is not child:
                     setattr(x, str(key), new)
             sync_bridge_class(x)
+            sync_embed_class(x)
             return x
         children, aux = impl.flatten(x)
         new_children = [(key, visit(child, (*path, key), in_module)) for key, child in children]

@@ -516,3 +516,41 @@ def test_one_optimizer_and_step_follow_a_change_to_part_of_an_array():
     mu = opt.opt_state[0].mu
     assert [p for p, _ in nnx.to_flat_state(mu)] == [("embed", "embedding", "trainable")]
     assert opt.own_paths == (("embed", "embedding", "trainable"),)  # a fresh start for it
+
+
+# ----------------------------------------------------------------------------- nnx.Embed
+
+
+def test_embed_with_trainable_rows_looks_them_up_apart_and_switches_back():
+    embed = ff.freeze(nnx.Embed(V, D, rngs=nnx.Rngs(0)))
+    plain = nnx.Embed(V, D, rngs=nnx.Rngs(0))
+    ff.unfreeze(embed, where=ff.Rows(NEW))
+    assert isinstance(embed, nnx.Embed)
+    assert type(embed) is not nnx.Embed  # the lookup that reads the trainable rows apart
+    tokens = jnp.array([[0, 7, 9, V], [8, 8, 1, 2]])  # V: out of range, NaN as in Flax
+    np.testing.assert_array_equal(embed(tokens), plain(tokens))
+
+    def loss(m):
+        return (jnp.tanh(m(tokens[:, :3])) ** 2).sum()
+
+    g = ff.grad(loss)(embed)["embedding"]["trainable"][...]
+    want = nnx.grad(loss)(plain)["embedding"][...]
+    np.testing.assert_allclose(g, np.asarray(want)[NEW], rtol=1e-6, atol=1e-7)
+    hlo = jax.jit(ff.grad(loss)).lower(embed).compile().as_text()
+    lines = [line for line in hlo.splitlines() if " scatter(" in line]
+    scatters = [line.split("=", 1)[1].split("scatter(")[0] for line in lines]
+    assert any(f"f32[{len(NEW)},{D}]" in result for result in scatters)  # into the rows
+    assert not any(f"f32[{V},{D}]" in result for result in scatters)  # never into the table
+    ff.unfreeze(embed)
+    assert type(embed) is nnx.Embed
+
+
+def test_an_embed_subclass_with_its_own_call_keeps_it():
+    class Scaled(nnx.Embed):
+        def __call__(self, inputs, out_sharding=None):
+            return 2 * super().__call__(inputs, out_sharding)
+
+    embed = ff.freeze(Scaled(V, D, rngs=nnx.Rngs(0)))
+    ff.unfreeze(embed, where=ff.Rows(NEW))
+    assert type(embed) is Scaled
+    np.testing.assert_array_equal(embed(jnp.array([7])), 2 * embed.embedding[...][7][None])

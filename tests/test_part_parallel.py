@@ -5,12 +5,12 @@ compiled HLO (f32, V=96 rows of D=24, K=3 trainable rows; the embedding is the
 only trainable array, so its gradient is 288 bytes):
 
 - ``jax.jit`` with shardings (batch on ``data``, state replicated), through
-  ``ff.TrainStep`` or ``nnx.jit``: XLA all-reduces the cotangent of the *whole*
-  table, ``f32[96,24]`` (9216 bytes), and takes the K trainable rows out of it
-  afterwards; no ``f32[3,24]`` is all-reduced. A table read twice (tied logits,
-  ``embed.attend``) costs a whole-table all-reduce per read. The gradient
-  communication of a partly trainable table is thus that of a fully trainable
-  one; only the gradient and optimizer state that are kept are K rows.
+  ``ff.TrainStep`` or ``nnx.jit``: an ``nnx.Embed`` whose table has trainable
+  rows looks tokens up in the frozen table and in the trainable rows apart, so
+  the lookup's gradient is scatter-added into the K rows and ``f32[3,24]``
+  (288 bytes) is all XLA all-reduces for it. A read of the whole table (tied
+  logits, ``embed.attend``, or any other module's read) has the whole table's
+  cotangent, ``f32[96,24]``, all-reduced, and the K rows taken afterwards.
 - ``jax.shard_map`` with ``check_vma=True`` (the default), the gradient taken by
   ``ff.grad``: it reads a partly frozen array as varying along the axes its
   batch varies on, casting the trainable part and the frozen array before
@@ -23,15 +23,16 @@ only trainable array, so its gradient is 288 bytes):
   then ``pmean``): the gradient is K rows when it is reduced, and ``f32[3,24]``
   is all that is all-reduced for it.
 
-The same holds for an element mask (the trainable part a flat vector): the
-whole array's cotangent is all-reduced under ``jax.jit``, the trainable
-elements only under ``shard_map`` and ``pmap``. Every style trains the same
-weights as one device does.
+An element mask (the trainable part a flat vector) is read whole: its whole
+array's cotangent is all-reduced under ``jax.jit``, the trainable elements only
+under ``shard_map`` and ``pmap``. Every style trains the same weights as one
+device does.
 
-On a table sharded over a "model" mesh axis (batch on "data") the all-reduce over
-"data" is likewise the whole table's cotangent, per device: ``f32[96,6]`` for a
-feature-sharded table, ``f32[96,24]`` for a vocabulary-sharded one (unsharded,
-though the table is not), ``f32[24,24]`` for columns of a vocabulary-sharded one.
+On a table sharded over a "model" mesh axis (batch on "data") the lookup's
+all-reduce over "data" is the trainable rows' gradient, per device: ``f32[3,6]``
+for a feature-sharded table, ``f32[3,24]`` for a vocabulary-sharded one (plus
+the lookup's own ``f32[16,8,24]``); columns of a vocabulary-sharded table and a
+mask are read whole (``f32[24,24]``, ``f32[96,24]``).
 """
 
 import functools
@@ -271,9 +272,9 @@ def reduced_for_the_part(style, case):
         return [(K, D), (K, D)] if case == "rows-tied" and style == "shard_map" else [(K, D)]
     if case == "mask":  # the whole kernel's cotangent
         return [(D, D)]
-    if case == "rows-tied":  # one per read: the lookup and attend
-        return [(V, D), (V, D)]
-    return [(V, D)]  # the whole table's cotangent, never (K, D)
+    if case == "rows-tied":  # the lookup's trainable rows; attend's whole-table cotangent
+        return [(K, D), (V, D)]
+    return [(K, D)]  # nnx.Embed's lookup reads the trainable rows themselves
 
 
 def test_eight_devices():
@@ -298,9 +299,12 @@ def test_data_parallel_trains_as_one_device_and_all_reduces(style, case):
         assert reduced == trainable * (2 if case == "rows-tied" else 1) + 4
     elif style in ("shard_map_no_vma", "pmap"):
         assert reduced == trainable + 4
-    else:  # the whole array's cotangent: as much as if all of it trained
-        assert reduced == 4 * mask.size * (2 if case == "rows-tied" else 1) + 4
-        assert (K, D) not in [shape for _, shape in arrays]
+    elif case == "mask":  # the whole kernel's cotangent: as much as if all of it trained
+        assert reduced == 4 * mask.size + 4
+    elif case == "rows-tied":  # the lookup's rows, and attend's whole-table cotangent
+        assert reduced == trainable + 4 * mask.size + 4
+    else:
+        assert reduced == trainable + 4
 
     losses = [run.step() for _ in range(3)]
     want, want_losses = single_device(case)
@@ -320,11 +324,11 @@ def test_data_parallel_trains_as_one_device_and_all_reduces(style, case):
 # ------------------------------------------------------------------------------ sharded tables
 
 #: The table's spec, what is made trainable, the trainable part's spec, and the table's
-#: gradient all-reduced over "data" per device (measured): the whole table's cotangent (its
-#: shard, where the trainable part is sharded along the same axis), never the part alone.
+#: gradient all-reduced over "data" per device (measured): the trainable rows' for rows that
+#: nnx.Embed looks up apart, the whole table's cotangent (its shard) for what is read whole.
 SHARDED = {
-    "features": ((None, "model"), ff.Rows(NEW), P(None, "model"), (V, D // 4)),
-    "vocabulary": (("model", None), ff.Rows(NEW), P(None, None), (V, D)),
+    "features": ((None, "model"), ff.Rows(NEW), P(None, "model"), (K, D // 4)),
+    "vocabulary": (("model", None), ff.Rows(NEW), P(None, None), (K, D)),
     "vocabulary-columns": (("model", None), ff.Rows([1, 7], axis=1), P("model", None), (V // 4, D)),
     "features-mask": ((None, "model"), np.random.default_rng(2).random((V, D)) < 0.1, P(), (V, D)),
 }
