@@ -15,9 +15,8 @@ the rows. Four ways to write one jitted step (loss, gradient, adamw update):
   let weight decay move them);
 * **flax_freeze rows**: ``ff.unfreeze(model, "embed/embedding",
   where=ff.Rows(ids))``, ``ff.Optimizer`` and ``ff.TrainStep``: gradient and
-  adamw state for the k rows only; the model reads the table assembled (a
-  select between the frozen table and the k rows spread out to every row,
-  which the lookup fuses);
+  adamw state for the k rows only; ``nnx.Embed`` looks tokens up in the
+  frozen table and in the k rows apart;
 * **hand split**: the ideal a lookup-aware split could reach: the k rows a
   separate (k, d) array and the lookup written as
   ``jnp.where(is_new[tokens], new_rows[pos[tokens]], table[tokens])``, so
@@ -87,8 +86,8 @@ DESCRIPTIONS: dict[str, str] = {
     "rows (`jnp.where(row_mask[:, None], update, 0)`, after adamw, so weight decay spares "
     "the frozen rows): what users write today",
     ROWS: '`ff.unfreeze(model, "embed/embedding", where=ff.Rows(ids))` + `ff.Optimizer` + '
-    "`ff.TrainStep`: gradient and adamw state for the k rows; the model reads the table "
-    "assembled (a select between the frozen table and the k rows spread out to every row)",
+    "`ff.TrainStep`: gradient and adamw state for the k rows; `nnx.Embed` looks tokens up in "
+    "the frozen table and in the k rows apart",
     HAND: "hand-written lookup-aware split: the k rows a separate (k, d) array, the lookup "
     "`jnp.where(is_new[tokens], new_rows[pos[tokens]], table[tokens])`",
 }
@@ -591,11 +590,16 @@ def conclusion(result: dict[str, Any]) -> str:
                 else "The forward pass also copies the frozen table."
             )
         )
-    else:
+    elif not rows_hlo["table_buffers"]:
+        back_rows = [s for s in rows_hlo["scatters"] if s["direction"] == "backward"]
         hlo = (
-            "The HLO of flax_freeze rows does not show the whole-table zero buffer, scatter-add "
-            f"and gather of the k rows: {r[ROWS]['hlo_text']}."
+            "For flax_freeze rows XLA builds no V×d array: nnx.Embed looks tokens up in the "
+            f"frozen table and in the {k} rows apart, and the gradient is a scatter-add of the "
+            f"batch's {back_rows[0]['rows'] if back_rows else '?'} token rows into {k}×{d}, "
+            "as in the hand split."
         )
+    else:
+        hlo = f"The HLO of flax_freeze rows: {r[ROWS]['hlo_text']}."
     return (
         f"With k = {k} of V = {v} rows (d = {d}), flax_freeze rows keeps adamw state for the "
         f"k rows only: {r[ROWS]['opt_state_bytes']:,} B against {r[WHOLE]['opt_state_bytes']:,} B "
@@ -604,11 +608,11 @@ def conclusion(result: dict[str, Any]) -> str:
         f"flax_freeze rows {r[ROWS]['flops']:.3g}, hand split {r[HAND]['flops']:.3g}; temporary "
         f"memory {_bytes(r[WHOLE]['temp_bytes'])}, {_bytes(r[MASKED]['temp_bytes'])}, "
         f"{_bytes(r[ROWS]['temp_bytes'])}, {_bytes(r[HAND]['temp_bytes'])}. {hlo} The hand split "
-        f"never makes a V×d array (its gradient is a scatter-add into {k}×{d}), which is what a "
-        f"lookup-aware split could reach. Median step time × whole (masked update, flax_freeze "
-        f"rows, hand split) by k: {times}. A mask on the gradient instead of the update moves "
-        f"frozen rows by up to {run['gradient_mask_max_frozen_change']:.2e} per step (adamw's "
-        f"weight decay {WEIGHT_DECAY})."
+        f"never makes a V×d array either (its gradient is a scatter-add into {k}×{d}): the "
+        f"lookup written by hand for the split. Median step time × whole (masked update, "
+        f"flax_freeze rows, hand split) by k: {times}. A mask on the gradient instead of the "
+        f"update moves frozen rows by up to {run['gradient_mask_max_frozen_change']:.2e} per "
+        f"step (adamw's weight decay {WEIGHT_DECAY})."
     )
 
 

@@ -125,10 +125,13 @@ class PartlyFrozen:
       ``axis``, or flat positions), sorted.
 
     So gradients and optimizer state exist for the trainable elements only,
-    and the frozen ones stay bit-identical. Each read assembles the whole
-    array (a copy of it, with the trainable elements scattered in); the
-    gradient of what reads it is computed for the whole array first, then
-    its trainable elements are taken.
+    and the frozen ones stay bit-identical. A read of the whole array gives
+    it assembled (rows as a select that a consumer reading a few rows fuses;
+    elements as a copy with the trainable ones scattered in), and the
+    gradient of what reads it is computed for the whole array first, then its
+    trainable elements are taken. An ``nnx.Embed`` whose table has trainable
+    rows looks tokens up in the two parts apart instead: its gradient is
+    computed for the trainable rows only.
 
     Attributes:
         trainable: the parameter of the trainable elements.
