@@ -130,8 +130,8 @@ class PartlyFrozen:
     elements as a copy with the trainable ones scattered in), and the
     gradient of what reads it is computed for the whole array first, then its
     trainable elements are taken. An ``nnx.Embed`` whose table has trainable
-    rows looks tokens up in the two parts apart instead: its gradient is
-    computed for the trainable rows only.
+    rows looks tokens up (and ``attend`` computes logits) in the two parts
+    apart instead: its gradient is computed for the trainable rows only.
 
     Attributes:
         trainable: the parameter of the trainable elements.

@@ -536,6 +536,15 @@ def test_embed_with_trainable_rows_looks_them_up_apart_and_switches_back():
     g = ff.grad(loss)(embed)["embedding"]["trainable"][...]
     want = nnx.grad(loss)(plain)["embedding"][...]
     np.testing.assert_allclose(g, np.asarray(want)[NEW], rtol=1e-6, atol=1e-7)
+    query = jnp.linspace(-1.0, 1.0, 2 * D).reshape(2, D)
+    np.testing.assert_allclose(embed.attend(query), plain.attend(query), rtol=1e-6)
+
+    def tied(m):
+        return (jax.nn.log_softmax(m.attend(jnp.tanh(m(tokens[:, :3])))) ** 2).sum()
+
+    g = ff.grad(tied)(embed)["embedding"]["trainable"][...]
+    want = nnx.grad(tied)(plain)["embedding"][...]
+    np.testing.assert_allclose(g, np.asarray(want)[NEW], rtol=1e-5, atol=1e-6)
     hlo = jax.jit(ff.grad(loss)).lower(embed).compile().as_text() or ""
     lines = [line for line in hlo.splitlines() if " scatter(" in line]
     scatters = [line.split("=", 1)[1].split("scatter(")[0] for line in lines]

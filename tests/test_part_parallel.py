@@ -8,9 +8,10 @@ only trainable array, so its gradient is 288 bytes):
   ``ff.TrainStep`` or ``nnx.jit``: an ``nnx.Embed`` whose table has trainable
   rows looks tokens up in the frozen table and in the trainable rows apart, so
   the lookup's gradient is scatter-added into the K rows and ``f32[3,24]``
-  (288 bytes) is all XLA all-reduces for it. A read of the whole table (tied
-  logits, ``embed.attend``, or any other module's read) has the whole table's
-  cotangent, ``f32[96,24]``, all-reduced, and the K rows taken afterwards.
+  (288 bytes) is all XLA all-reduces for it; ``attend`` (tied logits) computes
+  the K rows' logits apart, and adds one more ``f32[3,24]``. A read of the
+  whole table by any other module has the whole table's cotangent,
+  ``f32[96,24]``, all-reduced, and the K rows taken afterwards.
 - ``jax.shard_map`` with ``check_vma=True`` (the default), the gradient taken by
   ``ff.grad``: it reads a partly frozen array as varying along the axes its
   batch varies on, casting the trainable part and the frozen array before
@@ -272,8 +273,8 @@ def reduced_for_the_part(style, case):
         return [(K, D), (K, D)] if case == "rows-tied" and style == "shard_map" else [(K, D)]
     if case == "mask":  # the whole kernel's cotangent
         return [(D, D)]
-    if case == "rows-tied":  # the lookup's trainable rows; attend's whole-table cotangent
-        return [(K, D), (V, D)]
+    if case == "rows-tied":  # the trainable rows' gradient of the lookup and of attend
+        return [(K, D), (K, D)]
     return [(K, D)]  # nnx.Embed's lookup reads the trainable rows themselves
 
 
@@ -301,8 +302,8 @@ def test_data_parallel_trains_as_one_device_and_all_reduces(style, case):
         assert reduced == trainable + 4
     elif case == "mask":  # the whole kernel's cotangent: as much as if all of it trained
         assert reduced == 4 * mask.size + 4
-    elif case == "rows-tied":  # the lookup's rows, and attend's whole-table cotangent
-        assert reduced == trainable + 4 * mask.size + 4
+    elif case == "rows-tied":  # the trainable rows, for the lookup and for attend
+        assert reduced == 2 * trainable + 4
     else:
         assert reduced == trainable + 4
 
