@@ -25,6 +25,7 @@ from flax import nnx
 from ._boxes import FrozenBox
 from ._filters import path_str
 from ._nnx_compat import in_transformation
+from ._swap import is_made, set_class, subclass
 from ._variables import PARAM_TYPE_KEY, TRAINED_DTYPE_KEY, FrozenParam
 
 Path = tuple[Any, ...]
@@ -171,25 +172,17 @@ _AWARE: dict[type, type] = {nnx.bridge.ToNNX: FrozenParamsToNNX}
 
 def _aware_class(plain: type) -> type:
     """The class for ``plain`` (``ToNNX`` or a subclass) that holds frozen parameters."""
-    found = _AWARE.get(plain)
-    if found is None:
-        found = type(
-            f"FrozenParams{plain.__name__}",
-            (plain,),
-            {
-                "__slots__": (),
-                "__module__": __name__,
-                "__doc__": FrozenParamsToNNX.__doc__,
-                "__call__": FrozenParamsToNNX.__call__,
-                "_ff_plain": plain,
-            },
-        )
-        _AWARE[plain] = found
-    return found
+    namespace = {
+        "__slots__": (),
+        "__module__": __name__,
+        "__doc__": FrozenParamsToNNX.__doc__,
+        "__call__": FrozenParamsToNNX.__call__,
+    }
+    return subclass(_AWARE, plain, f"FrozenParams{plain.__name__}", namespace)
 
 
 def _is_aware(cls: type) -> bool:
-    return _AWARE.get(cls.__dict__.get("_ff_plain", _MISSING)) is cls  # type: ignore[arg-type]
+    return is_made(_AWARE, cls)
 
 
 def _swap_refused(path: Path) -> ValueError:
@@ -204,11 +197,6 @@ def _swap_refused(path: Path) -> ValueError:
     )
 
 
-def _set_class(module: Any, cls: type) -> None:
-    # Not through the module's __setattr__, which would record "__class__" as an attribute.
-    object.__setattr__(module, "__class__", cls)
-
-
 def make_aware(module: Any, path: Path = ()) -> None:
     """Gives a ``ToNNX`` module the class that hands frozen parameters to Linen.
 
@@ -221,7 +209,7 @@ def make_aware(module: Any, path: Path = ()) -> None:
         return
     if in_transformation():
         raise _swap_refused(path)
-    _set_class(module, _aware_class(cls))
+    set_class(module, _aware_class(cls))
 
 
 def sync_bridge_class(module: Any) -> None:
@@ -245,7 +233,7 @@ def sync_bridge_class(module: Any) -> None:
         and any(isinstance(v, nnx.Param) for v in variables)
         and not in_transformation()
     ):
-        _set_class(module, cls._ff_plain)  # type: ignore[attr-defined]
+        set_class(module, cls._ff_plain)  # type: ignore[attr-defined]
 
 
 def check_bridge_retype(node: Any, becomes_frozen: Callable[[nnx.Variable], bool]) -> None:

@@ -23,6 +23,7 @@ from flax import nnx
 
 from ._nnx_compat import in_transformation
 from ._part import PartlyFrozen, row_maps
+from ._swap import is_made, set_class, subclass
 
 #: The aware subclass made for each class of embedding module.
 _AWARE: dict[type, type] = {}
@@ -64,26 +65,14 @@ def _rows_attend(self: Any, query: jax.Array, out_sharding: Any = None) -> jax.A
 
 
 def _aware_class(cls: type) -> type:
-    found = _AWARE.get(cls)
-    if found is None:
-        found = type(
-            cls.__name__,
-            (cls,),
-            {
-                "__call__": _rows_lookup,
-                "attend": _rows_attend,
-                "__module__": cls.__module__,
-                "__qualname__": cls.__qualname__,
-                "__doc__": cls.__doc__,
-                "_ff_plain": cls,
-            },
-        )
-        _AWARE[cls] = found
-    return found
-
-
-def _is_aware(cls: type) -> bool:
-    return _AWARE.get(cls.__dict__.get("_ff_plain", None)) is cls  # type: ignore[arg-type]
+    namespace = {
+        "__call__": _rows_lookup,
+        "attend": _rows_attend,
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "__doc__": cls.__doc__,
+    }
+    return subclass(_AWARE, cls, cls.__name__, namespace)
 
 
 def sync_embed_class(module: Any) -> None:
@@ -98,13 +87,13 @@ def sync_embed_class(module: Any) -> None:
     if not isinstance(module, nnx.Embed) or in_transformation():
         return
     cls = type(module)
-    aware = _is_aware(cls)
+    aware = is_made(_AWARE, cls)
     plain = cls._ff_plain if aware else cls  # type: ignore[attr-defined]
     if plain.__call__ is not nnx.Embed.__call__ or plain.attend is not nnx.Embed.attend:
         return
     table = vars(module).get("embedding")
     wants = isinstance(table, PartlyFrozen) and table.axis == 0
     if wants and not aware:
-        object.__setattr__(module, "__class__", _aware_class(cls))
+        set_class(module, _aware_class(cls))
     elif aware and not wants:
-        object.__setattr__(module, "__class__", plain)
+        set_class(module, plain)
