@@ -683,10 +683,17 @@ def test_newly_trainable_first_adam_step_is_a_fresh_start(b1, b2, real_steps):
     assert [c[...].tolist() for c in opt.own_counts] == [[1, 1], [1, 1]]  # layer 0's own
 
 
-def test_group_schedules_count_a_schedule_from_each_parameters_own_start():
+@pytest.mark.parametrize(
+    ("group_schedules", "own_rate"),
+    [
+        pytest.param(True, 1.0, id="group-schedules-own-start"),  # its own warm-up from step 0
+        pytest.param(False, 0.6, id="shared-count"),  # the learning rate at count 4, not at 0
+    ],
+)
+def test_newly_trainable_meets_schedule_at_its_own_or_the_shared_count(group_schedules, own_rate):
     schedule = optax.linear_schedule(init_value=1.0, end_value=0.0, transition_steps=10)
     model = ff.freeze(MLP(), ff.PathRegex("layers/0/.*"))
-    opt = ff.Optimizer(model, optax.sgd(schedule), group_schedules=True)
+    opt = ff.Optimizer(model, optax.sgd(schedule), group_schedules=group_schedules)
     for _ in range(4):
         eager_step(model, opt)
     ff.unfreeze(model)
@@ -694,28 +701,11 @@ def test_group_schedules_count_a_schedule_from_each_parameters_own_start():
     grads = flat(ff.grad(loss_fn)(model, X, Y))
     eager_step(model, opt)
     after = param_values(model)
-    for k in L0:  # its own warm-up from step 0: learning rate 1.0
+    for k in L0:
         np.testing.assert_allclose(
-            after[k] - before[k], -np.asarray(grads[k]), rtol=1e-5, atol=1e-7
+            after[k] - before[k], -own_rate * np.asarray(grads[k]), rtol=1e-5, atol=1e-7
         )
     for k in L1 + L2:  # the rest go on at step 4: 0.6
-        np.testing.assert_allclose(
-            after[k] - before[k], -0.6 * np.asarray(grads[k]), rtol=1e-5, atol=1e-7
-        )
-
-
-def test_newly_trainable_meets_schedule_at_shared_count():
-    schedule = optax.linear_schedule(init_value=1.0, end_value=0.0, transition_steps=10)
-    model = ff.freeze(MLP(), ff.PathRegex("layers/0/.*"))
-    opt = ff.Optimizer(model, optax.sgd(schedule))
-    for _ in range(4):
-        eager_step(model, opt)
-    ff.unfreeze(model)
-    before = param_values(model)
-    grads = flat(ff.grad(loss_fn)(model, X, Y))
-    eager_step(model, opt)
-    after = param_values(model)
-    for k in L0:  # learning rate at count 4, not at 0
         np.testing.assert_allclose(
             after[k] - before[k], -0.6 * np.asarray(grads[k]), rtol=1e-5, atol=1e-7
         )
