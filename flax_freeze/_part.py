@@ -492,6 +492,26 @@ def _make(cls: Any, value: Any, metadata: dict[str, Any]) -> Any:
     return cls(value, **metadata)
 
 
+def _trainable_whole(value: Any, metadata: dict[str, Any], in_module: bool) -> Any:
+    """The whole array as a parameter of its trainable type (a bare value for a pytree leaf)."""
+    if metadata.get(FROM_LEAF_KEY) and not in_module:
+        return value
+    param_type = metadata.get(PARAM_TYPE_KEY) or nnx.Param
+    clean = {k: v for k, v in metadata.items() if k not in (PARAM_TYPE_KEY, FROM_LEAF_KEY)}
+    return _make(param_type, value, clean)
+
+
+def _new_part(
+    value: Any, metadata: dict[str, Any], part: Any, index: Any, axis: int | None
+) -> PartlyFrozen:
+    """A :class:`PartlyFrozen` of the whole ``value`` with the trainable ``part`` at ``index``."""
+    param_type = metadata.get(PARAM_TYPE_KEY) or nnx.Param
+    ndim = len(value.shape) if hasattr(value, "shape") else np.ndim(value)  # abstract too
+    trainable = _make(param_type, part, _part_metadata(metadata, axis, ndim))
+    frozen = _make(FrozenParam, value, dict(metadata))
+    return PartlyFrozen(trainable, frozen, TrainableIndex(index), axis)
+
+
 def rebuild(x: Any, mask: np.ndarray, prefer_axis: int | None, in_module: bool) -> Any:
     """What stands where ``x`` stood once exactly the elements ``mask`` selects are trainable.
 
@@ -501,18 +521,10 @@ def rebuild(x: Any, mask: np.ndarray, prefer_axis: int | None, in_module: bool) 
     whole slices, ``prefer_axis`` first) or flat elements.
     """
     value, metadata = _whole(x)
-    param_type = metadata.get(PARAM_TYPE_KEY) or nnx.Param
-    from_leaf = bool(metadata.get(FROM_LEAF_KEY)) and not in_module
     if mask.all():
-        if from_leaf:
-            return value
-        clean = {k: v for k, v in metadata.items() if k not in (PARAM_TYPE_KEY, FROM_LEAF_KEY)}
-        return _make(param_type, value, clean)
+        return _trainable_whole(value, metadata, in_module)
     if not mask.any():
-        frozen_metadata = dict(metadata)
-        if isinstance(x, FrozenParam):
-            return x
-        return _make(FrozenParam, value, frozen_metadata)
+        return x if isinstance(x, FrozenParam) else _make(FrozenParam, value, metadata)
     axis = _rows_axis(mask, prefer_axis) if mask.ndim > 1 else 0
     if axis is None:
         index = np.flatnonzero(mask)
@@ -524,9 +536,7 @@ def rebuild(x: Any, mask: np.ndarray, prefer_axis: int | None, in_module: bool) 
     sharding = _take_sharding(value, axis)
     if sharding is not None:
         part = jax.device_put(part, sharding)
-    trainable = _make(param_type, part, _part_metadata(metadata, axis, mask.ndim))
-    frozen = _make(FrozenParam, value, dict(metadata))
-    return PartlyFrozen(trainable, frozen, TrainableIndex(jnp.asarray(index, jnp.int32)), axis)
+    return _new_part(value, metadata, part, jnp.asarray(index, jnp.int32), axis)
 
 
 @dataclass
@@ -591,25 +601,19 @@ def part_to_fill(x: Any, axis: int | None, trainable_shape: tuple[int, ...], dty
         value, metadata = x.frozen.get_raw_value(), x.frozen.get_metadata()
     else:
         value, metadata = _whole(x)
-    param_type = metadata.get(PARAM_TYPE_KEY) or nnx.Param
-    ndim = len(np.shape(value)) if not isinstance(value, jax.ShapeDtypeStruct) else value.ndim
     part = _placeholder(value, trainable_shape, dtype, _take_sharding(value, axis))
     n = trainable_shape[0] if axis is None else trainable_shape[axis]
     index = _placeholder(value, (n,), jnp.int32, _take_sharding(value, None))
-    trainable = _make(param_type, part, _part_metadata(metadata, axis, ndim))
-    frozen = _make(FrozenParam, value, dict(metadata))
-    return PartlyFrozen(trainable, frozen, TrainableIndex(index), axis)
+    return _new_part(value, metadata, part, index, axis)
 
 
 def whole_to_fill(part: PartlyFrozen, in_module: bool) -> Any:
-    """The whole parameter (trainable, of the array's type) in a part's place, for a restore."""
-    value, metadata = part.frozen.get_raw_value(), part.frozen.get_metadata()
-    param_type = metadata.get(PARAM_TYPE_KEY) or nnx.Param
-    from_leaf = bool(metadata.get(FROM_LEAF_KEY)) and not in_module
-    if from_leaf:
-        return value
-    clean = {k: v for k, v in metadata.items() if k not in (PARAM_TYPE_KEY, FROM_LEAF_KEY)}
-    return _make(param_type, value, clean)
+    """The whole parameter (trainable, of the array's type) in a part's place, for a restore.
+
+    It holds the frozen part's array, whose trainable positions are stale: the
+    restore writes the whole array.
+    """
+    return _trainable_whole(part.frozen.get_raw_value(), part.frozen.get_metadata(), in_module)
 
 
 def rows_axis_of(trainable_shape: tuple[int, ...], whole_shape: tuple[int, ...]) -> int | None:
