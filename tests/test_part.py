@@ -563,3 +563,15 @@ def test_an_embed_subclass_with_its_own_call_keeps_it():
     ff.unfreeze(embed, where=ff.Rows(NEW))
     assert type(embed) is Scaled
     np.testing.assert_array_equal(embed(jnp.array([7])), 2 * embed.embedding[...][7][None])
+
+
+def test_flags_target_refuses_a_checkpoint_split_otherwise(tmp_path):
+    _trained_run(tmp_path)
+    target = LM(seed=5)
+    before = whole(target.embed.embedding)
+    with pytest.raises(
+        ValueError, match=r"`flags` is 'target', but checkpoint .* splits \[0/embed/embedding\]"
+    ):
+        ff.checkpoint.restore(tmp_path / "ckpt", (target,), flags="target", partial=True)
+    assert type(target.embed.embedding) is nnx.Param  # nothing changed
+    np.testing.assert_array_equal(whole(target.embed.embedding), before)

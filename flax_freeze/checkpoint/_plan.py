@@ -300,6 +300,14 @@ def _plan(
             "(concrete, or abstract from nnx.eval_shape)."
         )
     parts = plan_parts(target, entries, saved, stored)
+    if parts.walked and flags == "target":
+        changed = sorted(path_str(path) for path, _, _ in parts.walked)
+        raise ValueError(
+            f"`flags` is 'target', but checkpoint {where!r} splits {show(changed)} into "
+            "trainable and frozen elements otherwise than `target` does (ff.freeze/unfreeze "
+            "with where=), and the target's split cannot be kept. Restore with "
+            "flags='checkpoint', then freeze or unfreeze those elements again."
+        )
     entries = parts.entries(entries)
     adapter = saved is not None and saved.is_adapter
     known = stored

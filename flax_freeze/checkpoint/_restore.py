@@ -158,6 +158,10 @@ def restore(
     its ``mesh`` (or the mesh in context). An abstract mesh is made concrete
     from the mesh in context, else with ``jax.make_mesh`` over the local devices.
 
+    Partly frozen arrays (``ff.freeze``/``ff.unfreeze`` with ``where=``) are
+    split in the target as saved, before the restore, and an array saved
+    whole makes a split one whole.
+
     With ``flags="checkpoint"`` the target is re-typed to the saved flags
     (parameters saved frozen become ``ff.FrozenParam``, the others trainable,
     with their original types); with ``flags="target"`` it keeps its own. A
@@ -237,7 +241,9 @@ def restore(
             paths differ; if shapes or dtypes differ; if paths are missing from
             either side (unless ``partial``); if ``flags`` is not one of the
             two values; for an adapter checkpoint, if ``target`` is abstract
-            or (unless ``check_base`` is False) differs from its base.
+            or (unless ``check_base`` is False) differs from its base; with
+            ``flags="target"``, if the checkpoint splits an array into
+            trainable and frozen elements (``where=``) otherwise than the target.
 
     Example:
         >>> import os, tempfile
