@@ -61,10 +61,13 @@ def _quiet_failure() -> Iterator[None]:
     any time later, and coroutines it left behind warn or fail when collected. The
     error itself is raised as usual. After a failure the hook that drops
     exactly that noise stays installed (every other unraisable exception goes
-    to the previous hook).
+    to the previous hook). The logging filter that drops asyncio's reports of
+    those pending reads is added before the read: orbax may drop its tasks, and
+    asyncio report them, before the failure reaches this function.
     """
     previous = sys.unraisablehook
     sys.unraisablehook = _without_loop_noise(previous)
+    logging.getLogger("asyncio").addFilter(_ORPHAN_FILTER)  # added once, by identity
     try:
         yield
     except BaseException:
@@ -72,7 +75,6 @@ def _quiet_failure() -> Iterator[None]:
         # unawaited are collected now, without their "never awaited" warnings.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            logging.getLogger("asyncio").addFilter(_ORPHAN_FILTER)  # added once, by identity
             gc.collect()
         raise
     sys.unraisablehook = previous
