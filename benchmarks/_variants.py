@@ -98,7 +98,7 @@ class Variant:
 
 
 class _Carried:
-    """A jitted ``loss, carry = step(carry, *const, x, y)`` and its current carry."""
+    """A jitted ``loss, carry = step(carry, *const, x, y)`` and its current carry (donated)."""
 
     def __init__(self, step: Callable[..., Any], carry: Any, *const: Any) -> None:
         self.step = jax.jit(step, donate_argnums=0)

@@ -64,6 +64,7 @@ from flax import nnx
 from step import _bytes, machine, time_interleaved  # pyright: ignore[reportMissingImports]
 
 import flax_freeze as ff
+from _variants import _Carried  # pyright: ignore[reportMissingImports]
 
 LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 0.1
@@ -173,21 +174,6 @@ class Built:
     table: Callable[[], np.ndarray]  # the whole table now
     rest: Callable[[], dict[str, np.ndarray]]  # the other parameters now, by path
     opt_state: Callable[[], Any]  # the optax state now
-
-
-class _Carried:
-    """A jitted ``loss, carry = step(carry, *const, tokens, labels)`` and its carry (donated)."""
-
-    def __init__(self, step: Callable[..., Any], carry: Any, *const: Any) -> None:
-        self.step = jax.jit(step, donate_argnums=0)
-        self.carry, self.const = carry, const
-
-    def run(self, tokens: Any, labels: Any) -> Any:
-        loss, self.carry = self.step(self.carry, *self.const, tokens, labels)
-        return loss
-
-    def lower(self, tokens: Any, labels: Any) -> Any:
-        return self.step.lower(self.carry, *self.const, tokens, labels)
 
 
 def _arrays(state: nnx.State) -> dict[str, np.ndarray]:
