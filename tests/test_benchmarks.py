@@ -28,6 +28,11 @@ def quick_run(tmp_path_factory):
     return result, out
 
 
+def svg_texts(root):
+    """The text of every ``<text>`` element of an SVG drawing, stripped."""
+    return {"".join(t.itertext()).strip() for t in root.iter("{http://www.w3.org/2000/svg}text")}
+
+
 def test_quick_run_has_a_row_per_model_setting_and_variant(quick_run):
     result, _ = quick_run
     expected = set()
@@ -236,7 +241,7 @@ def test_chart_and_summary_from_two_runs(quick_run, tmp_path):
     text = svg.read_text()
     assert text == chart.svg(chart.load(paths))  # the same bytes for the same runs
     root = ET.fromstring(text)
-    labels = {"".join(t.itertext()).strip() for t in root.iter("{http://www.w3.org/2000/svg}text")}
+    labels = svg_texts(root)
     assert {
         "MLP 4x64: step time × split",
         "MLP 4x64: FLOPs (XLA) × split",
@@ -364,7 +369,7 @@ def test_unfreeze_dynamics_prints_the_jumps_and_draws_a_panel_per_optimizer(tmp_
     assert "| optimizer | block 2 | block 1 | block 0 |" in out
     assert "Halfway through a phase, nothing changing:" in out
     root = ET.parse(svg).getroot()
-    labels = {"".join(t.itertext()).strip() for t in root.iter("{http://www.w3.org/2000/svg}text")}
+    labels = svg_texts(root)
     assert {
         "shared count",
         "own counts",
