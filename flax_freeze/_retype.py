@@ -189,8 +189,10 @@ def _stored(value: Any, metadata: dict[str, Any], dtype: np.dtype | None) -> Any
 
 
 def _frozen_copy(variable: nnx.Variable, dtype: np.dtype | None) -> FrozenParam:
+    """``variable`` frozen (kept in ``dtype`` if given); a frozen one keeps its parameter type."""
     metadata = variable.get_metadata()
-    metadata[PARAM_TYPE_KEY] = type(variable)
+    if not isinstance(variable, FrozenParam):
+        metadata[PARAM_TYPE_KEY] = type(variable)
     value = _stored(variable.get_raw_value(), metadata, dtype)
     return FrozenParam.from_metadata(value, metadata)  # type: ignore[return-value]
 
@@ -572,11 +574,7 @@ def freeze(
         }
         for k, f in chosen.parts.items():
             whole = rebuild(f.part, np.zeros(f.part.shape, bool), None, f.in_module)
-            if stored_dtype is not None:
-                metadata = whole.get_metadata()
-                value = _stored(whole.get_raw_value(), metadata, stored_dtype)
-                whole = FrozenParam.from_metadata(value, metadata)
-            new_variables[k] = whole
+            new_variables[k] = whole if stored_dtype is None else _frozen_copy(whole, stored_dtype)
         new_leaves = {p: frozen_leaf(x, stored_dtype) for p, x in chosen.leaves.items()}
     node = replace(node, new_variables, new_leaves)
     if batch_stats:

@@ -383,6 +383,22 @@ def test_where_on_an_array_frozen_in_another_dtype_is_an_error():
         ff.unfreeze(model, "embed/embedding", where=ff.Rows([0]))
 
 
+def test_a_partly_frozen_array_frozen_whole_in_another_dtype_unfreezes_to_its_type():
+    model = new_token_model()
+    model.embed.embedding.trainable[...] += 1.0
+    assembled = whole(model.embed.embedding)
+    ff.freeze(model, "embed/embedding", dtype=jnp.bfloat16)
+    frozen = model.embed.embedding
+    assert type(frozen) is ff.FrozenParam
+    assert frozen.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(whole(frozen), assembled.astype(jnp.bfloat16))
+    ff.unfreeze(model, "embed/embedding")
+    back = model.embed.embedding
+    assert type(back) is nnx.Param
+    assert back.dtype == jnp.float32
+    np.testing.assert_array_equal(whole(back), assembled.astype(jnp.bfloat16).astype(np.float32))
+
+
 def test_traced_where_is_an_error():
     model = LM()
 
